@@ -1,0 +1,191 @@
+"""Adapters: every network type becomes one *denoiser* in VE form.
+
+The contract (DESIGN.md §2)::
+
+    D(x, sigma, **cond) -> x0            # or a Prediction(x0, var_interp)
+
+``x`` is in VE units (``x = x0 + sigma * eps``), ``sigma`` is a per-sample tensor of shape [N].
+This module is the only place that knows about eps-, v-, x0-, flow- or EDM-parameterised
+networks. Samplers never branch on the prediction type.
+
+A VP network at timestep t is the VE denoiser at ``sigma_t = sqrt(1 - abar_t) / sqrt(abar_t)``
+with ``x_VE = x_VP / sqrt(abar_t)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .schedules import VPSchedule
+
+__all__ = [
+    "Denoiser",
+    "Prediction",
+    "as_prediction",
+    "VPDenoiser",
+    "EDMDenoiser",
+    "FlowDenoiser",
+]
+
+PredictionType = Literal["eps", "v", "x0"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A denoiser output that carries more than x0.
+
+    ``var_interp`` is ADM's learned-range output ``v`` in [-1, 1] (Nichol & Dhariwal 2021, eq. 15):
+    the DDPM sampler interpolates ``log var = frac * log beta_t + (1 - frac) * log beta~_t`` with
+    ``frac = (v + 1) / 2``. Epsilon Scaling never touches it.
+    """
+
+    x0: torch.Tensor
+    var_interp: torch.Tensor | None = None
+
+    def replace_x0(self, x0: torch.Tensor) -> "Prediction":
+        return Prediction(x0, self.var_interp)
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor | Prediction: ...
+
+
+def as_prediction(out: torch.Tensor | Prediction) -> Prediction:
+    """Normalise a denoiser output to a :class:`Prediction`."""
+    return out if isinstance(out, Prediction) else Prediction(out)
+
+
+def _sigma_vector(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast sigma to a per-sample float64 vector [N]."""
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    if s.ndim == 0:
+        s = s.expand(x.shape[0])
+    return s.reshape(x.shape[0])
+
+
+def _bc(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[N] -> [N, 1, 1, ...] broadcastable against x."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _net_dtype(net: Callable, default: torch.dtype) -> torch.dtype:
+    if isinstance(net, nn.Module):
+        for p in net.parameters():
+            return p.dtype
+    return default
+
+
+class VPDenoiser:
+    """A discrete-time VP network (DDPM / ADM / DiT-style) as a VE denoiser.
+
+    ``net(x_vp, t, **cond)`` is called with the *original* integer timestep t of the 1000-step
+    chain, as guided-diffusion's respacing wrapper does (so respaced chains need nothing
+    special). sigma is snapped to the nearest timestep of ``schedule`` (exact on its own grid).
+
+    ``prediction``: what the first ``channels`` output channels are: ``"eps"``, ``"v"``
+    (Salimans & Ho 2022: v = sqrt(abar) eps - sqrt(1 - abar) x0) or ``"x0"``. With
+    ``learn_sigma`` the network returns twice the channels and the second half is ADM's
+    variance interpolation, returned as :attr:`Prediction.var_interp`.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., torch.Tensor],
+        schedule: VPSchedule,
+        *,
+        prediction: PredictionType = "eps",
+        learn_sigma: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"unknown prediction type {prediction!r}: expected 'eps', 'v' or 'x0'")
+        self.net = net
+        self.schedule = schedule
+        self.prediction = prediction
+        self.learn_sigma = learn_sigma
+        self.dtype = dtype or _net_dtype(net, torch.float32)
+        self.sigmas = schedule.sigmas
+        self.sigma_min = schedule.sigma_min
+        self.sigma_max = schedule.sigma_max
+
+    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        return self.schedule.round_sigma(sigma)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor | Prediction:
+        sigma = _sigma_vector(sigma, x)
+        t = self.schedule.timestep(sigma).to(x.device)
+        abar = self.schedule.alphas_cumprod.to(x.device)[t]
+        sigma_t = _bc(self.sigmas.to(x.device)[t], x)
+        sqrt_abar = _bc(abar.sqrt(), x)
+
+        # Network call in VP units at the original timestep.
+        x_vp = (x * sqrt_abar).to(self.dtype)
+        out = self.net(x_vp, t, **cond)
+        c = x.shape[1]
+        if self.learn_sigma:
+            if out.shape[1] != 2 * c:
+                raise ValueError(f"learn_sigma expects {2 * c} output channels, the network returned {out.shape[1]}")
+            out, var_interp = out[:, :c], out[:, c:]
+        else:
+            var_interp = None
+
+        # Convert the output to x0 (VE and VP x0 are the same thing).
+        out = out.to(x.dtype)
+        if self.prediction == "eps":
+            x0 = x - sigma_t.to(x.dtype) * out
+        elif self.prediction == "v":
+            sqrt_1m = _bc((1 - abar).sqrt(), x)
+            x0 = (sqrt_abar * (x * sqrt_abar) - sqrt_1m * out).to(x.dtype)
+        else:
+            x0 = out
+        return Prediction(x0, var_interp) if var_interp is not None else x0
+
+
+class EDMDenoiser:
+    """An EDM-preconditioned net (NVlabs ``EDMPrecond``/``VPPrecond``...) as a denoiser.
+
+    Duck-typed: ``net(x, sigma, class_labels)`` returns D(x; sigma) directly, and the net
+    exposes ``sigma_min``, ``sigma_max`` and ``round_sigma``. ``cond`` may carry
+    ``class_labels``.
+    """
+
+    def __init__(self, net: Callable[..., torch.Tensor]) -> None:
+        for attr in ("sigma_min", "sigma_max", "round_sigma"):
+            if not hasattr(net, attr):
+                raise ValueError(f"EDM net must expose {attr!r} (like NVlabs EDM's *Precond classes)")
+        self.net = net
+        self.sigma_min = float(net.sigma_min)
+        self.sigma_max = float(net.sigma_max)
+
+    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        return torch.as_tensor(self.net.round_sigma(sigma))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        sigma = _sigma_vector(sigma, x)
+        return self.net(x, sigma, cond.get("class_labels")).to(x.dtype)
+
+
+class FlowDenoiser:
+    """A rectified-flow / flow-matching velocity net as a denoiser.
+
+    Convention: ``x_t = (1 - t) x0 + t eps`` and the net predicts ``u = eps - x0`` at time
+    ``t * time_scale`` (diffusers' SD3/Flux pass ``1000 t``). In VE form ``sigma = t / (1 - t)``
+    and ``x_VE = x_t / (1 - t)``, so ``x0 = x_t - t u``.
+    """
+
+    def __init__(self, net: Callable[..., torch.Tensor], *, time_scale: float = 1.0, dtype: torch.dtype | None = None) -> None:
+        self.net = net
+        self.time_scale = float(time_scale)
+        self.dtype = dtype or _net_dtype(net, torch.float32)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        sigma = _sigma_vector(sigma, x)
+        t = sigma / (1 + sigma)
+        x_t = (x / _bc(1 + sigma, x)).to(self.dtype)
+        u = self.net(x_t, (t * self.time_scale).to(self.dtype), **cond).to(x.dtype)
+        return x_t.to(x.dtype) - _bc(t, x).to(x.dtype) * u

@@ -1,0 +1,296 @@
+"""Epsilon Scaling (Ning et al., ICLR 2024): the one transform, and its lambda schedules.
+
+ES divides the predicted noise by lambda at sampling time only::
+
+    eps' = eps / lambda(sigma)      <=>      D'(x, sigma) = x - (x - D(x, sigma)) / lambda(sigma)
+
+We compute it as ``D' = D + (1 - 1/lambda) (x - D)`` so that lambda == 1 returns D bit for bit.
+ES comes after guidance and before clipping; it never touches learned-variance channels, the
+injected noise or a classifier gradient.
+
+Schedules are small frozen objects:
+
+* :class:`Uniform` ``(b)``: lambda = b everywhere (the paper's default).
+* :class:`Linear` ``(k, b)``: ``lambda_i = b + k i`` over the respaced step index, ``i = 0`` the
+  last (cleanest) step. Step-indexed, so it must be *bound* to the sampler's sigma grid.
+* :class:`PerSigma` ``(sigmas, lams)``: a table, linearly interpolated in log sigma and held
+  constant outside it.
+* :class:`Calibrated`: a schedule loaded from JSON together with the numbers that chose it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+import torch
+
+from .adapters import Denoiser, Prediction, _bc, _sigma_vector, as_prediction
+
+__all__ = [
+    "Uniform",
+    "Linear",
+    "PerSigma",
+    "Calibrated",
+    "Schedule",
+    "eps_scaling",
+    "EpsScaled",
+    "load_schedule",
+    "save_schedule",
+    "resolve_schedule",
+]
+
+SCHEDULE_FORMAT = "epsscale.schedule/1"
+
+
+def _check_lam(values: Any, what: str) -> None:
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if t.numel() == 0:
+        raise ValueError(f"{what}: empty lambda table")
+    if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+        bad = t[~(torch.isfinite(t) & (t > 0))][0].item()
+        raise ValueError(f"{what}: lambda must be finite and > 0 everywhere, got {bad}")
+
+
+class Schedule(Protocol):
+    def bind(self, sigmas: torch.Tensor | None) -> "BoundSchedule": ...
+
+
+class BoundSchedule(Protocol):
+    def lam(self, sigma: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """lambda(sigma) = b."""
+
+    b: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.b, bool) or not isinstance(self.b, (int, float)):
+            raise ValueError(f"Uniform: lambda must be a number, got {self.b!r}")
+        _check_lam(self.b, "Uniform")
+
+    def bind(self, sigmas: torch.Tensor | None = None) -> "Uniform":
+        return self
+
+    def lam(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(torch.as_tensor(sigma, dtype=torch.float64), float(self.b))
+
+
+@dataclass(frozen=True)
+class Linear:
+    """The paper's linear schedule ``lambda_i = b + k * i``.
+
+    ``i`` is the respaced step index counted from the end: for a grid of T' steps the first
+    (noisiest) step has ``i = T' - 1`` and the last has ``i = 0``.
+    """
+
+    k: float
+    b: float
+
+    def __post_init__(self) -> None:
+        for name in ("k", "b"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"Linear: {name} must be a finite number, got {v!r}")
+
+    def values(self, steps: int) -> torch.Tensor:
+        """lambda for each step in sampling order (first step first), float64 [steps]."""
+        i = torch.arange(steps - 1, -1, -1, dtype=torch.float64)
+        return self.b + self.k * i
+
+    def bind(self, sigmas: torch.Tensor | None) -> "PerSigma":
+        if sigmas is None:
+            raise ValueError("Linear is indexed by sampling step: pass the sampler's sigma grid (sigmas=...)")
+        s = _grid_steps(sigmas)
+        lams = self.values(len(s))
+        _check_lam(lams, f"Linear(k={self.k}, b={self.b}) on {len(s)} steps")
+        return PerSigma(tuple(s.tolist()), tuple(lams.tolist()))
+
+
+def _grid_steps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The sigmas at which a grid evaluates the network (drop the trailing 0)."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    s = s[s > 0]
+    if len(s) == 0:
+        raise ValueError("sigma grid has no positive sigmas")
+    return s
+
+
+@dataclass(frozen=True)
+class PerSigma:
+    """lambda given at sigma knots; linear in log sigma between them, constant outside."""
+
+    sigmas: tuple[float, ...]
+    lams: tuple[float, ...]
+    _log_s: torch.Tensor = field(init=False, repr=False, compare=False)
+    _lam: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        s = torch.as_tensor(self.sigmas, dtype=torch.float64).flatten()
+        lam = torch.as_tensor(self.lams, dtype=torch.float64).flatten()
+        if s.numel() != lam.numel() or s.numel() == 0:
+            raise ValueError(f"PerSigma: need equally many sigmas and lambdas (got {s.numel()} and {lam.numel()})")
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise ValueError("PerSigma: sigmas must be finite and > 0")
+        _check_lam(lam, "PerSigma")
+        order = torch.argsort(s)
+        s, lam = s[order], lam[order]
+        if bool((s[1:] == s[:-1]).any()):
+            raise ValueError("PerSigma: sigmas must be distinct")
+        object.__setattr__(self, "_log_s", s.log())
+        object.__setattr__(self, "_lam", lam)
+
+    def bind(self, sigmas: torch.Tensor | None = None) -> "PerSigma":
+        return self
+
+    def lam(self, sigma: torch.Tensor) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        log_s, lam = self._log_s.to(s.device), self._lam.to(s.device)
+        if len(log_s) == 1:
+            return lam.expand_as(s).clone()
+        u = s.clamp_min(1e-300).log().clamp(log_s[0], log_s[-1])
+        j = torch.searchsorted(log_s, u).clamp(1, len(log_s) - 1)
+        w = (u - log_s[j - 1]) / (log_s[j] - log_s[j - 1])
+        return torch.lerp(lam[j - 1], lam[j], w)
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """A schedule read from JSON, with the metadata (model, sampler, steps, scores) that chose it."""
+
+    schedule: Union[Uniform, Linear, PerSigma]
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def bind(self, sigmas: torch.Tensor | None = None) -> Union[Uniform, PerSigma]:
+        return self.schedule.bind(sigmas)
+
+
+ScheduleLike = Union[float, int, Uniform, Linear, PerSigma, Calibrated]
+
+
+def resolve_schedule(lam: ScheduleLike, sigmas: torch.Tensor | None = None) -> Union[Uniform, PerSigma]:
+    """Turn a float or schedule into a per-sigma lookup, validating it (ValueError if bad)."""
+    if isinstance(lam, bool):
+        raise ValueError(f"lambda must be a number or a schedule, got {lam!r}")
+    if isinstance(lam, (int, float)):
+        return Uniform(float(lam))
+    if isinstance(lam, (Uniform, Linear, PerSigma, Calibrated)):
+        return lam.bind(sigmas)
+    raise ValueError(f"lambda must be a number or a schedule (Uniform, Linear, PerSigma, Calibrated), got {type(lam).__name__}")
+
+
+class EpsScaled:
+    """``D'(x, sigma) = D + (1 - 1/lambda(sigma)) (x - D)``, i.e. eps / lambda. See module doc."""
+
+    def __init__(self, denoiser: Denoiser, schedule: Union[Uniform, PerSigma]) -> None:
+        self.inner = denoiser
+        self.schedule = schedule
+        # Let samplers see the wrapped model's sigma range and rounding.
+        for attr in ("sigma_min", "sigma_max", "round_sigma"):
+            if hasattr(denoiser, attr):
+                setattr(self, attr, getattr(denoiser, attr))
+
+    def lam(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.schedule.lam(sigma)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor | Prediction:
+        out = self.inner(x, sigma, **cond)
+        pred = as_prediction(out)
+        lam = self.schedule.lam(_sigma_vector(sigma, x))
+        shrink = _bc(1 - 1 / lam, x).to(pred.x0.dtype)
+        x0 = pred.x0 + shrink * (x.to(pred.x0.dtype) - pred.x0)
+        return pred.replace_x0(x0) if isinstance(out, Prediction) else x0
+
+
+def eps_scaling(denoiser: Denoiser, lam: ScheduleLike, *, sigmas: torch.Tensor | None = None) -> EpsScaled:
+    """Wrap a denoiser with Epsilon Scaling.
+
+    ``lam`` is a float (uniform) or a schedule. Step-indexed schedules (:class:`Linear`) need
+    the sampler's sigma grid ``sigmas``. Raises ValueError for any lambda that is not finite
+    and > 0, before the network is ever called.
+    """
+    return EpsScaled(denoiser, resolve_schedule(lam, sigmas))
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON round-trip
+# ---------------------------------------------------------------------------------------------
+
+
+def schedule_to_dict(schedule: Union[Uniform, Linear, PerSigma, Calibrated], meta: dict | None = None) -> dict:
+    if isinstance(schedule, Calibrated):
+        meta = {**schedule.meta, **(meta or {})}
+        schedule = schedule.schedule
+    if isinstance(schedule, Uniform):
+        body: dict[str, Any] = {"type": "uniform", "b": float(schedule.b)}
+    elif isinstance(schedule, Linear):
+        body = {"type": "linear", "k": float(schedule.k), "b": float(schedule.b)}
+    elif isinstance(schedule, PerSigma):
+        body = {"type": "per_sigma", "sigmas": list(schedule.sigmas), "lams": list(schedule.lams)}
+    else:
+        raise ValueError(f"cannot serialise {type(schedule).__name__}")
+    return {"format": SCHEDULE_FORMAT, **body, "meta": meta or {}}
+
+
+def schedule_from_dict(d: Any, source: str = "schedule") -> Calibrated:
+    """Validate a schedule JSON object; every error is a one-line ValueError."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    if d.get("format") != SCHEDULE_FORMAT:
+        raise ValueError(f"{source}: 'format' must be {SCHEDULE_FORMAT!r}, got {d.get('format')!r}")
+    kind = d.get("type")
+    meta = d.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"{source}: 'meta' must be an object")
+
+    def num(key: str) -> float:
+        v = d.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{source}: '{key}' must be a number, got {v!r}")
+        return float(v)
+
+    def nums(key: str) -> tuple[float, ...]:
+        v = d.get(key)
+        if not isinstance(v, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in v):
+            raise ValueError(f"{source}: '{key}' must be a list of numbers")
+        return tuple(float(a) for a in v)
+
+    try:
+        if kind == "uniform":
+            sched: Union[Uniform, Linear, PerSigma] = Uniform(num("b"))
+        elif kind == "linear":
+            sched = Linear(num("k"), num("b"))
+        elif kind == "per_sigma":
+            sched = PerSigma(nums("sigmas"), nums("lams"))
+        else:
+            raise ValueError(f"'type' must be 'uniform', 'linear' or 'per_sigma', got {kind!r}")
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+    return Calibrated(sched, meta)
+
+
+def save_schedule(path: str | os.PathLike, schedule: Union[Uniform, Linear, PerSigma, Calibrated], meta: dict | None = None) -> None:
+    """Write a schedule JSON atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(schedule_to_dict(schedule, meta), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_schedule(path: str | os.PathLike) -> Calibrated:
+    """Read a schedule JSON written by :func:`save_schedule` or ``epsscale calibrate``."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such schedule file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    return schedule_from_dict(d, str(path))

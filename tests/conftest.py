@@ -1,0 +1,44 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("EPSSCALE_TEST_THREADS", "1")))
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class GaussianDenoiser:
+    """Exact denoiser for x0 ~ N(0, s^2 I): D(x, sigma) = s^2 / (s^2 + sigma^2) x."""
+
+    def __init__(self, s: float = 0.5) -> None:
+        self.s = s
+        self.calls = 0
+
+    def __call__(self, x, sigma, **cond):
+        self.calls += 1
+        k = self.s**2 / (self.s**2 + sigma.to(torch.float64) ** 2)
+        return (k.reshape(-1, *[1] * (x.ndim - 1)) * x.to(torch.float64)).to(x.dtype)
+
+
+class ForbiddenDenoiser:
+    """Fails the test if it is ever called."""
+
+    def __call__(self, x, sigma, **cond):
+        raise AssertionError("the network was called")
+
+
+class CountingNoise:
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = 0
+
+    def randn_like(self, x):
+        self.calls += 1
+        return self.inner.randn_like(x)
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
