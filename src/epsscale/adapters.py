@@ -85,7 +85,8 @@ class VPDenoiser:
 
     ``net(x_vp, t, **cond)`` is called with the *original* integer timestep t of the 1000-step
     chain, as guided-diffusion's respacing wrapper does (so respaced chains need nothing
-    special). sigma is snapped to the nearest timestep of ``schedule`` (exact on its own grid).
+    special). t is the timestep nearest to sigma in log sigma (exact on the schedule's own
+    grid); the VP/VE conversions use sigma itself.
 
     ``prediction``: what the first ``channels`` output channels are: ``"eps"``, ``"v"``
     (Salimans & Ho 2022: v = sqrt(abar) eps - sqrt(1 - abar) x0) or ``"x0"``. With
@@ -113,14 +114,13 @@ class VPDenoiser:
         self.sigma_min = schedule.sigma_min
         self.sigma_max = schedule.sigma_max
 
-    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        return self.schedule.round_sigma(sigma)
-
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor | Prediction:
         sigma = _sigma_vector(sigma, x)
         t = self.schedule.timestep(sigma).to(x.device)
-        abar = self.schedule.alphas_cumprod.to(x.device)[t]
-        sigma_t = _bc(self.sigmas.to(x.device)[t], x)
+        # The conversions use sigma itself; only the timestep fed to the net is snapped, so
+        # off-table grids (e.g. Karras) stay consistent (k-diffusion's quantised discrete models).
+        abar = 1 / (1 + sigma**2)
+        sigma_t = _bc(sigma, x)
         sqrt_abar = _bc(abar.sqrt(), x)
 
         # Network call in VP units at the original timestep.

@@ -380,7 +380,7 @@ def _edm(
         # Increase noise temporarily (churn).
         gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= t_cur <= s_tmax else 0.0
         t_hat = t_cur + gamma * t_cur
-        if round_sigma is not None:
+        if round_sigma is not None and gamma > 0:
             t_hat = torch.as_tensor(round_sigma(t_hat), dtype=torch.float64, device=x.device)
         x_hat = x + (t_hat**2 - t_cur**2).sqrt() * s_noise * noise.randn_like(x)
 
