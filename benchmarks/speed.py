@@ -1,0 +1,100 @@
+"""Speed: ES on/off, sampler overhead, and a diffusers DDIM loop, side by side in one run.
+
+DESIGN.md §5 targets: wall(ES) / wall(no ES) <= 1.01; total sampling time / (NFE x bare forward)
+<= 1.05 at batch 256 on the demo model; no slower than diffusers' loop on the same UNet.
+
+Runs are interleaved (A, B, A, B, ...) and medians are reported, because this machine is noisy.
+
+    python benchmarks/speed.py --threads 2 --batch 256 --steps 10 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--samplers", default="ddpm,ddim,euler,heun,dpmpp_2m")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from epsscale import StackedGenerator, eps_scaling, prior
+    from epsscale.models.pretrained import load_model
+    from epsscale.samplers import SAMPLERS, nfe
+
+    model = load_model("fmnist")
+    net, den = model.net, model.denoiser
+    shape = (args.batch, *model.shape)
+    sigmas = model.schedule.grid(str(args.steps))
+    seeds = list(range(args.batch))
+
+    # Bare network forward (the unit of cost).
+    x_vp = torch.randn(shape)
+    t = torch.full((args.batch,), 500)
+    with torch.no_grad():
+        net(x_vp, t)
+        fwd = []
+        for _ in range(args.repeats + 2):
+            t0 = time.perf_counter()
+            net(x_vp, t)
+            fwd.append(time.perf_counter() - t0)
+    f = statistics.median(fwd)
+
+    def run(name: str, d) -> float:
+        gen = StackedGenerator(seeds)
+        x = prior(gen.randn(shape), sigmas[0], kind="vp")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            SAMPLERS[name](d, x, sigmas, noise=gen)
+        return time.perf_counter() - t0
+
+    def run_diffusers_ddim() -> float:
+        from diffusers import DDIMScheduler
+
+        sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
+        sch.set_timesteps(args.steps)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for ts in sch.timesteps:
+                out = net(x, ts.expand(args.batch))[:, : shape[1]]
+                x = sch.step(out, ts, x).prev_sample
+        return time.perf_counter() - t0
+
+    es = eps_scaling(den, 1.01)
+    rows = []
+    for name in args.samplers.split(","):
+        base, scaled = [], []
+        for _ in range(args.repeats):
+            base.append(run(name, den))
+            scaled.append(run(name, es))
+        b, s = statistics.median(base), statistics.median(scaled)
+        n = nfe(name, args.steps)
+        rows.append((name, n, b, s, s / b, b / (n * f)))
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        ours.append(run("ddim", den))
+        theirs.append(run_diffusers_ddim())
+
+    print(f"model: shipped fmnist ADM UNet ({sum(p.numel() for p in net.parameters()):,} params), batch {args.batch}, {args.steps} steps, {args.threads} threads, medians of {args.repeats}")
+    print(f"bare forward: {f:.3f} s/call\n")
+    print("| sampler | NFE | no ES (s) | ES (s) | ES / no ES | total / (NFE x forward) |")
+    print("|---|---|---|---|---|---|")
+    for name, n, b, s, r, o in rows:
+        print(f"| {name} | {n} | {b:.2f} | {s:.2f} | {r:.3f} | {o:.3f} |")
+    o, t = statistics.median(ours), statistics.median(theirs)
+    print(f"\n| loop | seconds | ratio |\n|---|---|---|\n| epsscale ddim | {o:.2f} | {o / t:.3f} |\n| diffusers DDIMScheduler loop | {t:.2f} | 1.000 |")
+
+
+if __name__ == "__main__":
+    main()

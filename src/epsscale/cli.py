@@ -1,0 +1,464 @@
+"""``epsscale``: thin command-line wrappers over the library.
+
+    epsscale demo        baseline vs Epsilon Scaling on the shipped model (or --toy)
+    epsscale sample      sample seeds to an ADM-style .npz (and a PNG grid)
+    epsscale measure     exposure bias: delta_t and eps-norm curves, baseline vs ES
+    epsscale calibrate   choose lambda: norm matching or an FID search
+    epsscale fid         FID of samples against reference statistics
+    epsscale train       train (or resume) the Fashion-MNIST model
+
+User errors end with one line on stderr and exit status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("epsscale")
+
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m")
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported in one line, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Option types
+# ---------------------------------------------------------------------------------------------
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def nonneg_float(s: str) -> float:
+    v = finite_float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
+def lam_float(s: str) -> float:
+    v = finite_float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"lambda must be finite and > 0, got {s!r}")
+    return v
+
+
+def seeds_type(s: str) -> list[int]:
+    from .distributed import parse_seeds
+
+    try:
+        return parse_seeds(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _writable(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {p}: directory {parent} is not writable")
+    if p.is_dir():
+        raise UserError(f"cannot write {p}: it is a directory")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers: model, grid, ES
+# ---------------------------------------------------------------------------------------------
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _lam_from_args(args: argparse.Namespace) -> Any:
+    from .scaling import load_schedule
+
+    if getattr(args, "eps_schedule", None):
+        return load_schedule(args.eps_schedule)
+    return args.eps_scale if args.eps_scale is not None else 1.0
+
+
+def make_grid(model: Any, sampler: str, steps: int, kind: str = "respaced") -> Any:
+    """The sigma grid a sampler runs on for a discrete VP model (see README: grids)."""
+    from .schedules import sigmas_karras
+
+    if kind == "respaced":
+        return model.schedule.grid(str(steps))
+    if kind == "ddim":
+        return model.schedule.grid(f"ddim{steps}")
+    if kind == "karras":
+        return sigmas_karras(steps, sigma_min=max(0.002, model.schedule.sigma_min), sigma_max=min(80.0, model.schedule.sigma_max))
+    raise UserError(f"unknown grid {kind!r}: expected respaced, ddim or karras")
+
+
+def sampler_options(args: argparse.Namespace) -> dict:
+    s = args.sampler
+    opts: dict[str, Any] = {}
+    if s in ("ddpm", "ddim") and args.clip is not None:
+        opts["clip"] = args.clip
+    if s == "ddim":
+        opts["eta"] = args.eta
+    if s in ("euler", "heun"):
+        opts.update(s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise)
+    return opts
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = 20) -> None:
+    p.add_argument("--model", default="fmnist", help="shipped model name (fmnist, toy) or a directory with model.json + model.safetensors")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm")
+    p.add_argument("--steps", type=positive_int, default=default_steps, help="sampling steps (respaced chain length T')")
+    p.add_argument("--grid", dest="grid_kind", default="respaced", choices=("respaced", "ddim", "karras"), help="sigma grid: guided-diffusion respacing (default), integer-stride 'ddimN', or EDM's Karras grid")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--eps-scale", type=lam_float, default=None, metavar="B", help="uniform Epsilon Scaling lambda (1 = off)")
+    g.add_argument("--eps-schedule", default=None, metavar="FILE", help="schedule JSON (from epsscale calibrate)")
+    p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM stochasticity")
+    p.add_argument("--clip", type=nonneg_float, default=1.0, help="clip x0 to [-c, c] for ddpm/ddim (ADM: 1)")
+    p.add_argument("--no-clip", dest="clip", action="store_const", const=None)
+    p.add_argument("--s-churn", type=nonneg_float, default=0.0)
+    p.add_argument("--s-tmin", type=nonneg_float, default=0.0)
+    p.add_argument("--s-tmax", type=nonneg_float, default=float("inf"))
+    p.add_argument("--s-noise", type=nonneg_float, default=1.0)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from . import distributed as dist
+    from .scaling import eps_scaling
+
+    _threads(args)
+    dist.init()
+    out = _writable(args.out)
+    if out.suffix != ".npz":
+        raise UserError(f"--out must end in .npz, got {out}")
+    grid_png = _writable(args.grid) if args.grid else None
+    lam = _lam_from_args(args)
+
+    if args.model == "toy":
+        return _sample_toy(args, lam, out, grid_png)
+
+    from .data.fashion_mnist import from_model_space
+    from .models.pretrained import load_model
+
+    model = load_model(args.model)
+    sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind)
+    den = eps_scaling(model.denoiser, lam, sigmas=sigmas)
+    crop = model.config.get("crop")
+    size = crop or model.shape[-1]
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".parts")
+    t0 = time.time()
+    res = dist.sample_seeds(
+        den, args.seeds, model.shape, sampler=args.sampler, sigmas=sigmas,
+        to_uint8=lambda x: from_model_space(x, size=size), batch_size=args.batch,
+        prior_kind="vp", sampler_opts=sampler_options(args), num_classes=model.num_classes,
+        work_dir=work, job_meta={"model": args.model, "lam": repr(lam)}, progress=not args.quiet,
+    )
+    if res is None:
+        return 0
+    images, labels = res
+    from .data.images import save_npz
+
+    save_npz(out, images, labels)
+    if grid_png:
+        save_image_grid(images[:64], grid_png)
+    dist.finish(work)
+    if not args.quiet:
+        print(f"wrote {len(images)} samples to {out} in {time.time() - t0:.1f}s")
+    return 0
+
+
+def _sample_toy(args: argparse.Namespace, lam: Any, out: Path, grid_png: Path | None) -> int:
+    import numpy as np
+    import torch
+
+    from .data.toy import ImperfectDenoiser, default_mixture
+    from .samplers import SAMPLERS, StackedGenerator, prior
+    from .scaling import eps_scaling
+    from .schedules import VPSchedule
+
+    sch = VPSchedule("cosine")
+    sigmas = sch.grid(str(args.steps)) if args.grid_kind != "karras" else _karras_toy(args.steps)
+    den = eps_scaling(ImperfectDenoiser(default_mixture()), lam, sigmas=sigmas)
+    gen = StackedGenerator(args.seeds)
+    x = prior(gen.randn((len(args.seeds), 2), dtype=torch.float64), sigmas[0], kind="vp")
+    pts = SAMPLERS[args.sampler](den, x, sigmas, noise=gen, **sampler_options(args)).double().numpy()
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, arr_0=pts)
+    os.replace(tmp, out)
+    if grid_png:
+        _scatter([("samples", pts)], grid_png)
+    if not args.quiet:
+        print(f"wrote {len(pts)} 2-D samples to {out}")
+    return 0
+
+
+def _karras_toy(steps: int) -> Any:
+    from .schedules import sigmas_karras
+
+    return sigmas_karras(steps, sigma_min=0.002, sigma_max=80.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+
+def save_image_grid(images: Any, path: Path, *, ncol: int | None = None, title: str | None = None) -> None:
+    """uint8 NHWC -> one PNG grid (atomic)."""
+    import numpy as np
+    from PIL import Image
+
+    n = len(images)
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    h, w, c = images.shape[1:]
+    canvas = np.full((nrow * (h + 2) + 2, ncol * (w + 2) + 2, c), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, ncol)
+        canvas[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = im
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def _scatter(panels: Sequence[tuple[str, Any]], path: Path, reference: Any = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    for ax, (title, pts) in zip(axes[0], panels):
+        if reference is not None:
+            ax.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgray", label="data")
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c="C0")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-3.2, 3.2)
+        ax.set_ylim(-3.2, 3.2)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# fid
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    from .data.images import load_images
+    from .metrics import compute_fid, feature_stats, get_extractor, reference_stats
+
+    _threads(args)
+    images = load_images(args.samples)
+    ext = get_extractor(args.extractor, args.inception if args.extractor == "inception" else None)
+    stats = feature_stats(images, ext, batch_size=args.batch, progress=not args.quiet)
+    ref = args.ref
+    if ref.endswith(".npz") and Path(ref).exists() and _is_stats_npz(ref):
+        ref_stats: Any = ref
+    else:
+        ref_stats = reference_stats(ext, ref, progress=not args.quiet)
+    fid = compute_fid(stats, ref_stats)
+    print(json.dumps({"fid": fid, "samples": len(images), "extractor": ext.name, "ref": ref}) if args.json else f"FID {fid:.4f}  ({len(images)} samples, {ext.name} features, ref {ref})")
+    return 0
+
+
+def _is_stats_npz(path: str) -> bool:
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            return "mu" in z.files and "sigma" in z.files
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .models.train import TrainConfig, export_model, train
+
+    _threads(args)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, ema_decay=args.ema, input_perturbation=args.input_perturbation, seed=args.seed, data=args.data)
+    run = train(cfg, args.run_dir, progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    if args.export:
+        st, js = export_model(run, args.export)
+        print(f"exported {st} and {js}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    from .models.pretrained import SHIPPED
+
+    _threads(args)
+    if args.toy or not SHIPPED["fmnist"].with_suffix(".json").exists() or not demo.ES_FILE.exists():
+        if not args.toy:
+            print("(the shipped Fashion-MNIST model is not in this checkout: running the 2-D mixture demo)")
+        return demo.toy_demo(Path(args.out), num=args.num)
+    return demo.fmnist_demo(Path(args.out), num=args.num, batch=args.batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="epsscale", description="Measure and correct exposure bias in diffusion models with Epsilon Scaling (Ning et al., ICLR 2024).")
+    p.add_argument("--version", action="version", version=f"epsscale {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="baseline vs ES on the shipped Fashion-MNIST model (or --toy: a 2-D mixture)")
+    d.add_argument("--toy", action="store_true", help="2-D Gaussian mixture with an exact and an imperfect denoiser")
+    d.add_argument("--num", type=positive_int, default=None, help="samples per setting")
+    d.add_argument("--batch", type=positive_int, default=250)
+    d.add_argument("--out", default="demo_out", help="output directory")
+    d.add_argument("--threads", type=positive_int, default=None)
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sample", help="sample seeds to an ADM-style .npz")
+    _add_sampling_options(s)
+    s.add_argument("--seeds", type=seeds_type, default=seeds_type("0-63"), help="e.g. 0-49999 or 1,2,5-10")
+    s.add_argument("--batch", type=positive_int, default=64)
+    s.add_argument("--out", required=True, help="output .npz (arr_0: uint8 NHWC)")
+    s.add_argument("--grid-png", "--png", dest="grid", default=None, metavar="FILE.png", help="also write a PNG grid of the first 64 samples")
+    s.add_argument("--work-dir", default=None, help="where finished batches are kept for resuming (default: OUT.parts)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sample)
+
+    f = sub.add_parser("fid", help="FID of samples (npz, folder or zip) against reference statistics")
+    f.add_argument("samples")
+    f.add_argument("--ref", default="fashion-mnist-train", help="fashion-mnist-train, fashion-mnist-test, a stats .npz (mu, sigma) or images")
+    f.add_argument("--extractor", choices=("fmnist", "inception"), default="fmnist")
+    f.add_argument("--inception", default=None, metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's weights)")
+    f.add_argument("--batch", type=positive_int, default=250)
+    f.add_argument("--json", action="store_true")
+    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--threads", type=positive_int, default=None)
+    f.set_defaults(func=cmd_fid)
+
+    t = sub.add_parser("train", help="train or resume the Fashion-MNIST model")
+    t.add_argument("--run-dir", required=True)
+    t.add_argument("--steps", type=positive_int, default=6000)
+    t.add_argument("--batch", type=positive_int, default=64)
+    t.add_argument("--lr", type=nonneg_float, default=5e-4)
+    t.add_argument("--ema", type=nonneg_float, default=0.999)
+    t.add_argument("--input-perturbation", type=nonneg_float, default=0.0, help="DDPM-IP gamma")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX .gz files")
+    t.add_argument("--max-minutes", type=nonneg_float, default=None, help="stop after a checkpoint once this much time has passed")
+    t.add_argument("--export", default=None, metavar="PREFIX", help="write PREFIX.safetensors + PREFIX.json from the EMA weights")
+    t.add_argument("--threads", type=positive_int, default=None)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    _add_more_commands(sub)
+    return p
+
+
+def _add_more_commands(sub: Any) -> None:
+    """measure and calibrate (epsscale.exposure)."""
+    try:
+        from . import cli_exposure
+    except ImportError:
+        return
+    cli_exposure.add_commands(sub, _add_sampling_options)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="epsscale: %(message)s")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"epsscale: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("epsscale: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # NonFiniteError and other run failures: one line, non-zero
+        from .distributed import NonFiniteError
+
+        if isinstance(e, NonFiniteError):
+            print(f"epsscale: error: {e}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The command line: end to end on the toy mixture, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from epsscale.cli import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+
+def run_cli(*args, check=False):
+    p = subprocess.run([sys.executable, "-m", "epsscale", *args], capture_output=True, text=True, env=ENV, timeout=300)
+    return p
+
+
+def test_python_m_help_lists_subcommands():
+    p = run_cli("--help")
+    assert p.returncode == 0
+    for cmd in ("demo", "sample", "fid", "train", "measure", "calibrate"):
+        assert cmd in p.stdout
+
+
+def test_sample_toy_end_to_end(tmp_path):
+    out = tmp_path / "toy.npz"
+    assert main(["sample", "--model", "toy", "--sampler", "heun", "--steps", "12", "--grid", "karras", "--seeds", "0-99", "--eps-scale", "1.01", "--out", str(out), "--grid-png", str(tmp_path / "toy.png"), "--quiet"]) == 0
+    pts = np.load(out)["arr_0"]
+    assert pts.shape == (100, 2) and np.isfinite(pts).all()
+    assert (tmp_path / "toy.png").stat().st_size > 1000
+    # Same seeds, same points.
+    out2 = tmp_path / "toy2.npz"
+    main(["sample", "--model", "toy", "--sampler", "heun", "--steps", "12", "--grid", "karras", "--seeds", "50-99", "--eps-scale", "1.01", "--out", str(out2), "--quiet"])
+    np.testing.assert_allclose(np.load(out2)["arr_0"], pts[50:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sample", "--sampler", "plms", "--out", "x.npz"], "invalid choice"),
+        (["sample", "--steps", "0", "--out", "x.npz"], "positive integer"),
+        (["sample", "--eps-scale", "0", "--out", "x.npz"], "lambda"),
+        (["sample", "--eps-scale", "-1.2", "--out", "x.npz"], "lambda"),
+        (["sample", "--eps-scale", "nan", "--out", "x.npz"], "finite"),
+        (["sample", "--eps-scale", "inf", "--out", "x.npz"], "finite"),
+        (["sample", "--seeds", "5-2", "--out", "x.npz"], "seed"),
+        (["sample", "--seeds", "a-b", "--out", "x.npz"], "seed"),
+        (["sample", "--seeds", "-3", "--out", "x.npz"], "seed"),
+        (["sample", "--model", "toy", "--out", "/nonexistent/dir/x.npz"], "cannot write"),
+        (["sample", "--model", "toy", "--eps-schedule", "/nonexistent.json", "--out", "x.npz"], "no such schedule"),
+        (["sample", "--model", "no-such-model", "--out", "x.npz"], "unknown model"),
+        (["fid", "/nonexistent.npz"], "nonexistent"),
+    ],
+)
+def test_bad_input_one_line_error(args, needle, tmp_path, capsys):
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code = main(args)
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err.lower()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not list(tmp_path.glob("*.npz"))
+
+
+def test_bad_schedule_json_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "s.json"
+    for payload in ("{not json", json.dumps({"format": "epsscale.schedule/1", "type": "uniform", "b": -1}), json.dumps({"format": "epsscale.schedule/1", "type": "linear", "k": "x", "b": 1})):
+        bad.write_text(payload)
+        assert main(["sample", "--model", "toy", "--eps-schedule", str(bad), "--out", str(tmp_path / "o.npz")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(bad) in err
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    p = run_cli("sample", "--model", "toy", "--eps-scale", "0", "--out", str(tmp_path / "x.npz"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
