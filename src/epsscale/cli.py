@@ -179,6 +179,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     grid_png = _writable(args.grid) if args.grid else None
     lam = _lam_from_args(args)
 
+    if args.guided_diffusion:
+        return _sample_guided_diffusion(args, out, grid_png)
+    if args.flags is not None:
+        raise UserError("--flags needs --guided-diffusion CKPT")
+    if args.seeds is None:
+        args.seeds = list(range(64))
+    args.batch = args.batch or 64
     if args.model == "toy":
         return _sample_toy(args, lam, out, grid_png)
 
@@ -209,6 +216,64 @@ def cmd_sample(args: argparse.Namespace) -> int:
     dist.finish(work)
     if not args.quiet:
         print(f"wrote {len(images)} samples to {out} in {time.time() - t0:.1f}s")
+    return 0
+
+
+def _parse_labels(spec: str | None, n: int) -> list[int] | None:
+    import numpy as np
+
+    if spec is None:
+        return None
+    if spec.endswith(".npy"):
+        try:
+            arr = np.load(spec, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--labels: cannot read {spec} ({str(e).splitlines()[0]})") from None
+        values = arr.reshape(-1).tolist()
+    else:
+        try:
+            values = [int(v) for v in spec.split(",")]
+        except ValueError:
+            raise UserError(f"--labels: expected integers like 3,1,4 or a .npy file, got {spec!r}") from None
+    if len(values) != n or any(not float(v).is_integer() or not 0 <= int(v) < 1000 for v in values):
+        raise UserError(f"--labels: need {n} integer labels in [0, 1000), got {len(values)}")
+    return [int(v) for v in values]
+
+
+def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path | None) -> int:
+    from . import distributed as dist
+    from .integrations.guided_diffusion import load_checkpoint, parse_flags, to_uint8
+    from .scaling import eps_scaling
+
+    flags = parse_flags(args.flags or "")
+    if (args.eps_scale is not None or args.eps_schedule) and "eps_scaler" in flags:
+        raise UserError("give lambda once: either --eps_scaler inside --flags or --eps-scale/--eps-schedule")
+    net, den, st = load_checkpoint(args.guided_diffusion, flags)
+    lam = _lam_from_args(args) if (args.eps_scale is not None or args.eps_schedule) else st.lam
+    seeds = args.seeds if args.seeds is not None else list(range(st.num_samples))
+    labels = _parse_labels(args.labels, len(seeds))
+    sigmas = st.schedule.grid(st.respacing)
+    image_size = int(flags.get("image_size", 64))
+    in_ch = int(flags.get("in_channels", 3))
+    opts = {"clip": st.clip}
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".parts")
+    res = dist.sample_seeds(
+        eps_scaling(den, lam, sigmas=sigmas), seeds, (in_ch, image_size, image_size), sampler=st.sampler,
+        sigmas=sigmas, to_uint8=to_uint8, batch_size=args.batch or st.batch_size, prior_kind="vp",
+        sampler_opts=opts, num_classes=1000 if st.class_cond else None, labels=labels, work_dir=work,
+        job_meta={"model": str(args.guided_diffusion), "lam": repr(lam), "flags": args.flags}, progress=not args.quiet,
+    )
+    if res is None:
+        return 0
+    images, lab = res
+    from .data.images import save_npz
+
+    save_npz(out, images, lab)
+    if grid_png:
+        save_image_grid(images[:64], grid_png)
+    dist.finish(work)
+    if not args.quiet:
+        print(f"wrote {len(images)} samples to {out} ({st.sampler}, respacing {st.respacing}, lambda {lam})")
     return 0
 
 
@@ -379,8 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample seeds to an ADM-style .npz")
     _add_sampling_options(s)
-    s.add_argument("--seeds", type=seeds_type, default=seeds_type("0-63"), help="e.g. 0-49999 or 1,2,5-10")
-    s.add_argument("--batch", type=positive_int, default=64)
+    s.add_argument("--seeds", type=seeds_type, default=None, help="e.g. 0-49999 or 1,2,5-10 (default 0-63, or --num_samples of --flags)")
+    s.add_argument("--batch", type=positive_int, default=None, help="batch size (default 64, or --batch_size of --flags)")
+    s.add_argument("--guided-diffusion", default=None, metavar="CKPT.pt", help="a guided-diffusion / ADM-ES checkpoint (state dict)")
+    s.add_argument("--flags", default=None, help="guided-diffusion image_sample.py flags, pasted verbatim (with --guided-diffusion)")
+    s.add_argument("--labels", default=None, help="class labels, one per seed: 3,1,4,... or a .npy file")
     s.add_argument("--out", required=True, help="output .npz (arr_0: uint8 NHWC)")
     s.add_argument("--grid-png", "--png", dest="grid", default=None, metavar="FILE.png", help="also write a PNG grid of the first 64 samples")
     s.add_argument("--work-dir", default=None, help="where finished batches are kept for resuming (default: OUT.parts)")
@@ -445,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"epsscale: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

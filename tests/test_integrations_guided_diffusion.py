@@ -1,0 +1,124 @@
+"""guided-diffusion checkpoints through ``epsscale sample --guided-diffusion CKPT --flags ...``.
+
+The oracle below is guided-diffusion's respaced ``p_sample_loop`` / ``ddim_sample_loop`` with
+ADM-ES's eps division, written out from the published algorithm in guided-diffusion's own
+arithmetic (float64 tables extracted to float32, VP state in float32), fed the same per-seed
+noise. The one-step fixtures in test_reference_adm.py tie this arithmetic to the real code.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES
+from epsscale.cli import main
+from epsscale.integrations.guided_diffusion import parse_flags, run_settings
+from epsscale.models import create_adm_model, load_adm_state_dict
+from epsscale.samplers import StackedGenerator
+from epsscale.schedules import VPSchedule, space_timesteps
+
+TINY = FIXTURES / "adm_tiny"
+MODEL_FLAGS = "--image_size 32 --num_channels 32 --num_res_blocks 1 --num_head_channels 16 --attention_resolutions 16 --resblock_updown True --use_new_attention_order True --learn_sigma True --dropout 0.0 --use_scale_shift_norm True --class_cond False"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    p = tmp_path_factory.mktemp("gd") / "tiny_uncond.pt"
+    torch.save(load_file(str(TINY / "tiny_uncond.safetensors")), p)
+    return p
+
+
+def oracle(net, seeds, respacing, use_ddim, eps_scaler, clip=True):
+    base = VPSchedule("cosine")
+    kept = space_timesteps(1000, respacing)
+    ac_full = base.alphas_cumprod.numpy()
+    ac = ac_full[kept]
+    last, betas = 1.0, []
+    for a in ac:
+        betas.append(1 - a / last)
+        last = a
+    betas = np.array(betas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    post_logvar_clipped = np.log(np.append(post_var[1], post_var[1:]))
+    coef1 = betas * np.sqrt(ac_prev) / (1 - ac)
+    coef2 = (1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac)
+    f32 = lambda arr, t: torch.tensor(arr[t], dtype=torch.float32)
+
+    gen = StackedGenerator(seeds)
+    img = gen.randn((len(seeds), 3, 32, 32))
+    for t in reversed(range(len(kept))):
+        with torch.no_grad():
+            out = net(img, torch.full((len(seeds),), kept[t]))
+        eps, v = out[:, :3] / eps_scaler, out[:, 3:]
+        x0 = f32(np.sqrt(1 / ac), t) * img - f32(np.sqrt(1 / ac - 1), t) * eps
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        noise = gen.randn_like(img)
+        if not use_ddim:
+            frac = (v + 1) / 2
+            logvar = frac * f32(np.log(betas), t) + (1 - frac) * f32(post_logvar_clipped, t)
+            mean = f32(coef1, t) * x0 + f32(coef2, t) * img
+            img = mean + (0.0 if t == 0 else 1.0) * torch.exp(0.5 * logvar) * noise
+        else:
+            eps_re = (f32(np.sqrt(1 / ac), t) * img - x0) / f32(np.sqrt(1 / ac - 1), t)
+            img = x0 * f32(np.sqrt(ac_prev), t) + f32(np.sqrt(1 - ac_prev), t) * eps_re
+    return ((img + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("use_ddim", [False, True])
+@pytest.mark.parametrize("eps_scaler", [None, 1.017])
+def test_cli_reproduces_adm_es_seed_for_seed(ckpt, tmp_path, use_ddim, eps_scaler):
+    flags = f"{MODEL_FLAGS} --noise_schedule cosine --diffusion_steps 1000 --timestep_respacing 10 --use_ddim {use_ddim} --clip_denoised True --batch_size 3 --num_samples 5"
+    if eps_scaler is not None:
+        flags += f" --eps_scaler {eps_scaler}"
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--guided-diffusion", str(ckpt), "--flags", flags, "--out", str(out), "--quiet"]) == 0
+    ours = np.load(out)
+    assert ours["arr_0"].shape == (5, 32, 32, 3) and ours["arr_0"].dtype == np.uint8
+    assert "arr_1" not in ours.files
+    net = create_adm_model(json.loads((TINY / "tiny_uncond.json").read_text()))
+    load_adm_state_dict(net, load_file(str(TINY / "tiny_uncond.safetensors")))
+    ref = oracle(net.eval(), list(range(5)), "10", use_ddim, eps_scaler or 1.0)
+    np.testing.assert_array_equal(ours["arr_0"], ref)  # the same uint8 output
+
+
+def test_seeds_take_precedence_and_match_subsets(ckpt, tmp_path):
+    flags = f"{MODEL_FLAGS} --noise_schedule cosine --timestep_respacing 4 --num_samples 100"
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert main(["sample", "--guided-diffusion", str(ckpt), "--flags", flags, "--seeds", "0-3", "--out", str(a), "--quiet"]) == 0
+    assert main(["sample", "--guided-diffusion", str(ckpt), "--flags", flags, "--seeds", "2-3", "--batch", "1", "--out", str(b), "--quiet"]) == 0
+    assert len(np.load(a)["arr_0"]) == 4
+    np.testing.assert_array_equal(np.load(a)["arr_0"][2:], np.load(b)["arr_0"])
+
+
+@pytest.mark.parametrize("bad,needle", [("--eps_scaler 0.0", "eps_scaler"), ("--eps_scaler -1", "eps_scaler"), ("--eps_scaler nan", "eps_scaler"), ("--use_ddim maybe", "use_ddim"), ("--timestep_respacing 2000", "cannot take"), ("--num_channel 32", "num_channel")])
+def test_bad_flags_one_line(ckpt, tmp_path, capsys, bad, needle):
+    code = main(["sample", "--guided-diffusion", str(ckpt), "--flags", f"{MODEL_FLAGS} --noise_schedule cosine {bad}", "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_wrong_checkpoint_names_the_key(tmp_path, capsys):
+    sd = load_file(str(TINY / "tiny_uncond.safetensors"))
+    sd["out.2.weight"] = sd["out.2.weight"][:3]
+    p = tmp_path / "bad.pt"
+    torch.save(sd, p)
+    code = main(["sample", "--guided-diffusion", str(p), "--flags", f"{MODEL_FLAGS} --noise_schedule cosine", "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "out.2.weight" in err and len(err.strip().splitlines()) == 1
+    p.write_bytes(b"not a checkpoint")
+    assert main(["sample", "--guided-diffusion", str(p), "--flags", f"{MODEL_FLAGS}", "--out", str(tmp_path / "x.npz")]) == 2
+
+
+def test_flag_parsing():
+    f = parse_flags("--a 1 --b=two --use_ddim True")
+    assert f == {"a": "1", "b": "two", "use_ddim": "True"}
+    st = run_settings({"timestep_respacing": "ddim25", "use_ddim": "True"})
+    assert st.sampler == "ddim" and st.respacing == "ddim25" and st.lam == 1.0
+    with pytest.raises(ValueError):
+        parse_flags("--dangling")
