@@ -28,13 +28,13 @@ def test_python_m_help_lists_subcommands():
 
 def test_sample_toy_end_to_end(tmp_path):
     out = tmp_path / "toy.npz"
-    assert main(["sample", "--model", "toy", "--sampler", "heun", "--steps", "12", "--grid", "karras", "--seeds", "0-99", "--eps-scale", "1.01", "--out", str(out), "--grid-png", str(tmp_path / "toy.png"), "--quiet"]) == 0
+    assert main(["sample", "--model", "toy", "--sampler", "heun", "--steps", "12", "--disc", "karras", "--seeds", "0-99", "--eps-scale", "1.01", "--out", str(out), "--grid", str(tmp_path / "toy.png"), "--quiet"]) == 0
     pts = np.load(out)["arr_0"]
     assert pts.shape == (100, 2) and np.isfinite(pts).all()
     assert (tmp_path / "toy.png").stat().st_size > 1000
     # Same seeds, same points.
     out2 = tmp_path / "toy2.npz"
-    main(["sample", "--model", "toy", "--sampler", "heun", "--steps", "12", "--grid", "karras", "--seeds", "50-99", "--eps-scale", "1.01", "--out", str(out2), "--quiet"])
+    main(["sample", "--model", "toy", "--sampler", "heun", "--steps", "12", "--disc", "karras", "--seeds", "50-99", "--eps-scale", "1.01", "--out", str(out2), "--quiet"])
     np.testing.assert_allclose(np.load(out2)["arr_0"], pts[50:], rtol=1e-12, atol=1e-12)
 
 
