@@ -42,3 +42,18 @@ class CountingNoise:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+class FakeEDMNet:
+    """A duck-typed EDM net (picklable): the exact denoiser of N(0, 0.5^2) data at 3x8x8."""
+
+    sigma_min, sigma_max = 0.0, float("inf")
+    img_channels, img_resolution, label_dim = 3, 8, 10
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        assert class_labels is None or class_labels.shape == (x.shape[0], self.label_dim)
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        return (0.25 / (0.25 + s**2)) * x.to(torch.float64)

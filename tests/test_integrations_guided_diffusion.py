@@ -122,3 +122,14 @@ def test_flag_parsing():
     assert st.sampler == "ddim" and st.respacing == "ddim25" and st.lam == 1.0
     with pytest.raises(ValueError):
         parse_flags("--dangling")
+
+
+def test_preset_supplies_the_papers_flags(ckpt, tmp_path, capsys):
+    # The tiny checkpoint does not fit CIFAR-10's ADM: the preset's flags were applied.
+    code = main(["sample", "--guided-diffusion", str(ckpt), "--preset", "adm-cifar10", "--steps", "100", "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "ADMUNet" in err and len(err.strip().splitlines()) == 1
+    assert main(["sample", "--guided-diffusion", str(ckpt), "--preset", "adm-cifar10", "--steps", "33", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "steps" in capsys.readouterr().err
+    assert main(["sample", "--preset", "adm-cifar10", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "--guided-diffusion" in capsys.readouterr().err

@@ -162,3 +162,23 @@ def test_loaded_net_with_euler_and_labels(tmp_path: Path) -> None:
     with torch.no_grad():
         out = euler(eps_scaling(EDMDenoiser(net), 1.0034), x, grid, noise=gen, cond={"class_labels": labels})
     assert out.shape == x.shape and out.dtype == torch.float64 and bool(torch.isfinite(out).all())
+
+
+def test_cli_samples_an_edm_pickle_with_a_preset(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+
+    from conftest import FakeEDMNet
+    from epsscale.cli import main
+
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(pickle.dumps({"ema": FakeEDMNet()}))
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--edm", str(pkl), "--out", str(out)]) == 2  # pickles are opt-in
+    assert "allow" in capsys.readouterr().err.lower()
+    with pytest.warns(UserWarning):
+        code = main(["sample", "--edm", str(pkl), "--allow-pickle", "--preset", "edm-cifar10-cond", "--sampler", "heun", "--steps", "7", "--seeds", "0-5", "--out", str(out), "--quiet"])
+    assert code == 0
+    z = np.load(out)
+    assert z["arr_0"].shape == (6, 8, 8, 3) and z["arr_1"].shape == (6,)

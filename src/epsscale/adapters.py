@@ -150,8 +150,8 @@ class EDMDenoiser:
     """An EDM-preconditioned net (NVlabs ``EDMPrecond``/``VPPrecond``...) as a denoiser.
 
     Duck-typed: ``net(x, sigma, class_labels)`` returns D(x; sigma) directly, and the net
-    exposes ``sigma_min``, ``sigma_max`` and ``round_sigma``. ``cond`` may carry
-    ``class_labels``.
+    exposes ``sigma_min``, ``sigma_max`` and ``round_sigma``. ``cond`` may carry one-hot
+    ``class_labels``, or integer labels ``y`` (turned into one-hot rows of ``net.label_dim``).
     """
 
     def __init__(self, net: Callable[..., torch.Tensor]) -> None:
@@ -167,7 +167,10 @@ class EDMDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         sigma = _sigma_vector(sigma, x)
-        return self.net(x, sigma, cond.get("class_labels")).to(x.dtype)
+        labels = cond.get("class_labels")
+        if labels is None and cond.get("y") is not None and getattr(self.net, "label_dim", 0):
+            labels = torch.nn.functional.one_hot(cond["y"].long(), int(self.net.label_dim)).to(x.device, torch.float32)
+        return self.net(x, sigma, labels).to(x.dtype)
 
 
 class FlowDenoiser:

@@ -179,8 +179,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     grid_png = _writable(args.grid) if args.grid else None
     lam = _lam_from_args(args)
 
+    if args.guided_diffusion and args.edm:
+        raise UserError("give one of --guided-diffusion and --edm")
     if args.guided_diffusion:
         return _sample_guided_diffusion(args, out, grid_png)
+    if args.edm:
+        return _sample_edm(args, out, grid_png)
+    for opt in ("preset", "classifier", "labels"):
+        if getattr(args, opt) is not None:
+            raise UserError(f"--{opt} needs --guided-diffusion CKPT or --edm PKL")
     if args.flags is not None:
         raise UserError("--flags needs --guided-diffusion CKPT")
     if args.seeds is None:
@@ -203,7 +210,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         den, args.seeds, model.shape, sampler=args.sampler, sigmas=sigmas,
         to_uint8=lambda x: from_model_space(x, size=size), batch_size=args.batch,
         prior_kind="vp", sampler_opts=sampler_options(args), num_classes=model.num_classes,
-        work_dir=work, job_meta={"model": args.model, "lam": repr(lam)}, progress=not args.quiet,
+        work_dir=work, job_meta={"model": args.model, "lam": repr(lam)}, outputs=(out, grid_png), progress=not args.quiet,
     )
     if res is None:
         return 0
@@ -248,14 +255,45 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
     flags = parse_flags(args.flags or "")
     if (args.eps_scale is not None or args.eps_schedule) and "eps_scaler" in flags:
         raise UserError("give lambda once: either --eps_scaler inside --flags or --eps-scale/--eps-schedule")
+    preset = None
+    if args.preset:
+        from .presets import get_preset
+
+        preset = get_preset(args.preset, steps=args.steps, es=args.preset_es)
+        if preset["framework"] != "adm":
+            raise UserError(f"preset {args.preset} is an EDM preset; use it with --edm PKL")
+        flags = {**{k: str(v) for k, v in {**preset["model_flags"], **preset["diffusion_flags"]}.items()}, "class_cond": str(preset["conditional"]), **flags}
     net, den, st = load_checkpoint(args.guided_diffusion, flags)
-    lam = _lam_from_args(args) if (args.eps_scale is not None or args.eps_schedule) else st.lam
+    if args.eps_scale is not None or args.eps_schedule:
+        lam = _lam_from_args(args)
+    elif preset is not None and "eps_scaler" not in flags:
+        lam = preset["lam"]
+    else:
+        lam = st.lam
     seeds = args.seeds if args.seeds is not None else list(range(st.num_samples))
     labels = _parse_labels(args.labels, len(seeds))
     sigmas = st.schedule.grid(st.respacing)
     image_size = int(flags.get("image_size", 64))
     in_ch = int(flags.get("in_channels", 3))
-    opts = {"clip": st.clip}
+    opts: dict[str, Any] = {"clip": st.clip}
+    if args.classifier or (preset and preset["guidance"]):
+        if st.sampler != "ddpm":
+            raise UserError("classifier guidance is implemented for the ancestral sampler (use_ddim False)")
+        if not args.classifier:
+            raise UserError(f"preset {args.preset} uses classifier guidance: pass --classifier CKPT.pt ({preset['guidance']['classifier_checkpoint']})")
+        from .models.adm_classifier import classifier_guidance, create_adm_classifier
+        from .models.adm import load_adm_state_dict
+        import torch
+
+        cflags = {**(preset["guidance"]["classifier_flags"] if preset and preset["guidance"] else {}), **flags}
+        clf = create_adm_classifier(cflags)
+        try:
+            cstate = torch.load(args.classifier, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{args.classifier}: cannot read classifier checkpoint ({str(e).splitlines()[0][:200]})") from None
+        load_adm_state_dict(clf, cstate)
+        scale = args.classifier_scale if args.classifier_scale is not None else (preset["guidance"]["scale"] if preset and preset["guidance"] else 1.0)
+        opts["classifier_grad"] = classifier_guidance(clf.eval(), st.schedule, scale)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".parts")
     res = dist.sample_seeds(
         eps_scaling(den, lam, sigmas=sigmas), seeds, (in_ch, image_size, image_size), sampler=st.sampler,
@@ -274,6 +312,62 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
     dist.finish(work)
     if not args.quiet:
         print(f"wrote {len(images)} samples to {out} ({st.sampler}, respacing {st.respacing}, lambda {lam})")
+    return 0
+
+
+def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> int:
+    import numpy as np
+    import torch
+
+    from . import distributed as dist
+    from .adapters import EDMDenoiser
+    from .models.edm import load_edm_pickle
+    from .scaling import eps_scaling
+    from .schedules import sigmas_karras
+
+    net = load_edm_pickle(args.edm, allow_pickle=args.allow_pickle)
+    lam: Any = _lam_from_args(args)
+    sampler, steps, opts = args.sampler, args.steps, sampler_options(args)
+    sigma_min, sigma_max, rho = 0.002, 80.0, 7.0
+    if args.preset:
+        from .presets import get_preset
+
+        preset = get_preset(args.preset, steps=args.steps, sampler=args.sampler if args.sampler in ("heun", "euler") else None)
+        if preset["framework"] != "edm":
+            raise UserError(f"preset {args.preset} is an ADM preset; use it with --guided-diffusion CKPT")
+        sampler, steps, opts = preset["sampler"], preset["steps"], dict(preset["sampler_kwargs"])
+        sigma_min, sigma_max, rho = preset["grid"]["sigma_min"], preset["grid"]["sigma_max"], preset["grid"]["rho"]
+        if args.eps_scale is None and not args.eps_schedule:
+            lam = preset["lam"]
+    if sampler in ("ddpm", "ddim"):
+        raise UserError("EDM nets are sampled with euler, heun or dpmpp_2m")
+    sigma_min, sigma_max = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
+    sigmas = sigmas_karras(steps, sigma_min, sigma_max, rho)
+    rounded = torch.as_tensor(net.round_sigma(sigmas[:-1]), dtype=torch.float64)  # EDM rounds its grid
+    sigmas = torch.cat([rounded, rounded.new_zeros(1)])
+    seeds = args.seeds if args.seeds is not None else list(range(64))
+    labels = _parse_labels(args.labels, len(seeds)) if net.label_dim else None
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".parts")
+    shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+
+    def to_u8(x: Any) -> np.ndarray:  # EDM's generate.py quantisation
+        return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+    res = dist.sample_seeds(
+        eps_scaling(EDMDenoiser(net), lam, sigmas=sigmas), seeds, shape, sampler=sampler, sigmas=sigmas, to_uint8=to_u8,
+        batch_size=args.batch or 64, prior_kind="ve", sampler_opts=opts, num_classes=int(net.label_dim) or None, labels=labels,
+        work_dir=work, job_meta={"model": str(args.edm), "lam": repr(lam)}, progress=not args.quiet,
+    )
+    if res is None:
+        return 0
+    from .data.images import save_npz
+
+    save_npz(out, *res)
+    if grid_png:
+        save_image_grid(res[0][:64], grid_png)
+    dist.finish(work)
+    if not args.quiet:
+        print(f"wrote {len(res[0])} samples to {out} ({sampler}, {steps} steps, lambda {lam})")
     return 0
 
 
@@ -362,14 +456,27 @@ def _scatter(panels: Sequence[tuple[str, Any]], path: Path, reference: Any = Non
 
 
 def cmd_fid(args: argparse.Namespace) -> int:
+    """FID of a sample set. Under ``torchrun`` rank r featurises images r, r + W, ..., and the
+    float64 sums (n, sum x, sum x x^T) are added over ranks with all_reduce; rank 0 prints."""
+    from . import distributed as dist
     from .data.images import load_images
-    from .metrics import compute_fid, feature_stats, get_extractor, reference_stats
+    from .metrics import FeatureStats, compute_fid, feature_stats, get_extractor, reference_stats
 
     _threads(args)
+    dist.init()
+    ref = args.ref
+    if ref not in ("fashion-mnist-train", "fashion-mnist-test") and not Path(ref).exists():
+        raise UserError(f"--ref {ref}: no such file or folder (expected fashion-mnist-train, fashion-mnist-test, a stats .npz or images)")
     images = load_images(args.samples)
     ext = get_extractor(args.extractor, args.inception if args.extractor == "inception" else None)
-    stats = feature_stats(images, ext, batch_size=args.batch, progress=not args.quiet)
-    ref = args.ref
+    r, w = dist.rank(), dist.world_size()
+    stats = FeatureStats(ext.dim)
+    if len(images[r::w]):
+        feature_stats(images[r::w], ext, batch_size=args.batch, progress=not args.quiet and r == 0, stats=stats)
+    for t in stats.tensors():
+        dist.all_reduce_sum(t)
+    if r != 0:
+        return 0
     if ref.endswith(".npz") and Path(ref).exists() and _is_stats_npz(ref):
         ref_stats: Any = ref
     else:
@@ -449,6 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guided-diffusion", default=None, metavar="CKPT.pt", help="a guided-diffusion / ADM-ES checkpoint (state dict)")
     s.add_argument("--flags", default=None, help="guided-diffusion image_sample.py flags, pasted verbatim (with --guided-diffusion)")
     s.add_argument("--labels", default=None, help="class labels, one per seed: 3,1,4,... or a .npy file")
+    s.add_argument("--edm", default=None, metavar="NET.pkl", help="an NVlabs EDM network pickle (needs --allow-pickle and EDM's repo on PYTHONPATH)")
+    s.add_argument("--allow-pickle", action="store_true", help="allow loading --edm pickles, which run code")
+    s.add_argument("--preset", default=None, help="the paper's settings, e.g. adm-cifar10 (with --steps 100/50/20 and --guided-diffusion CKPT)")
+    s.add_argument("--preset-es", default="uniform", choices=("uniform", "linear"), help="the preset's uniform b, or its 20-step linear (k, b)")
+    s.add_argument("--classifier", default=None, metavar="CKPT.pt", help="ADM-G classifier checkpoint (classifier guidance; ES never scales its gradient)")
+    s.add_argument("--classifier-scale", type=nonneg_float, default=None)
     s.add_argument("--out", required=True, help="output .npz (arr_0: uint8 NHWC)")
     s.add_argument("--grid", "--png", dest="grid", default=None, metavar="FILE.png", help="also write a PNG grid of the first 64 samples")
     s.add_argument("--work-dir", default=None, help="where finished batches are kept for resuming (default: OUT.parts)")

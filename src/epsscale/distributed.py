@@ -1,26 +1,38 @@
 """Data-parallel, resumable sampling over seeds (``torchrun`` or a single process).
 
-* Seeds are strided over ranks (rank r takes ``seeds[r::world]``) and cut into batches.
+* Seeds are strided over ranks (rank r takes ``todo[r::world]``) and cut into batches.
 * Every sample draws all of its randomness from its own generator (:class:`StackedGenerator`),
-  so the output never depends on the batch size or the number of processes.
-* Each finished batch is written atomically as a shard in a work directory, named by rank,
-  world size and batch. A run killed at any moment and restarted with the same command skips
-  the finished shards (recomputing at most the batch in flight on each rank) and ends with the
-  same output. A run manifest refuses to resume with different settings.
+  so a sample depends only on its seed, never on the batch size or the number of processes.
+* Outputs are named by seed. Each finished batch is written atomically to the work directory as
+  ``seeds-{first:06d}-{last:06d}.npz`` (its smallest and largest seed; the file stores the
+  seeds themselves, the uint8 images and the labels), so a shard describes itself.
+* Resuming works seed by seed. On start, rank 0 reads the shards already in the work directory
+  and the ranks split the seeds that are still missing. A run killed at any moment (SIGKILL)
+  and restarted with the same command therefore loses at most the batch each rank had in
+  flight, and ends with the same output. Because samples depend only on their seeds, the
+  restart may even use another batch size or number of processes. A run manifest
+  (``run.json``) refuses to resume with a different model, sampler, grid, lambda or seed list.
+* Nothing is ever half-written: shards, the manifest and the final ``.npz`` go to a temporary
+  name first and are moved into place with ``os.replace``. A restart deletes the temporary files
+  a killed run left behind. An advisory lock keeps two runs out of one work directory.
 * Rank 0 assembles the final ``.npz`` in seed order (ADM's format: ``arr_0`` uint8 NHWC,
-  ``arr_1`` labels when class-conditional), written atomically.
+  ``arr_1`` labels when class-conditional).
 
-gloo on CPU and NCCL on GPU; at world size 1 no process group is created.
+gloo on CPU and NCCL on GPU (CPU tensors and object collectives still go through gloo); at
+world size 1 no process group is created.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,7 +42,26 @@ import torch
 from .adapters import Denoiser, Prediction, _sigma_vector, as_prediction
 from .samplers import SAMPLERS, StackedGenerator, prior
 
-__all__ = ["rank", "world_size", "init", "barrier", "all_reduce_sum", "NonFiniteError", "CheckFinite", "sample_seeds", "parse_seeds"]
+__all__ = [
+    "rank",
+    "world_size",
+    "init",
+    "barrier",
+    "all_reduce_sum",
+    "broadcast_object",
+    "NonFiniteError",
+    "CheckFinite",
+    "sample_seeds",
+    "parse_seeds",
+    "finish",
+    "remove_stale_temps",
+    "shard_name",
+]
+
+log = logging.getLogger("epsscale")
+
+MAX_SEEDS = 10_000_000
+SEED_LIMIT = 2**63
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,12 +80,25 @@ def rank() -> int:
 
 
 def init() -> None:
-    """Join the process group that ``torchrun`` describes in the environment (no-op without it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+    """Join the process group that ``torchrun`` describes in the environment (no-op without it).
+
+    gloo on CPU. With CUDA, NCCL for CUDA tensors and gloo for CPU tensors and Python objects
+    (``"cpu:gloo,cuda:nccl"``), so the float64 FID sums and the shard bookkeeping, which live
+    on the CPU, work under either.
+    """
+    try:
+        ws = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from None
+    if ws <= 1 or torch.distributed.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    if not torch.distributed.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
     torch.distributed.init_process_group(backend=backend)
 
 
@@ -70,28 +114,45 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable objects; the identity at world size 1)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeds
 # ---------------------------------------------------------------------------------------------
 
+_SEED_PART = re.compile(r"(\d{1,19})(?:-(\d{1,19}))?", re.ASCII)
+
 
 def parse_seeds(spec: str) -> list[int]:
-    """'0-99', '1,2,5-10' -> list of ints (EDM's syntax). Seeds are integers in [0, 2**63)."""
+    """'0-99', '1,2,5-10' -> list of ints (EDM's syntax).
+
+    Seeds are distinct integers in [0, 2**63), at most 10,000,000 of them. Anything else raises
+    a one-line ``ValueError`` that quotes the offending part.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("seeds must be a list like '0-99' or '1,2,5-10'")
     seeds: list[int] = []
     for part in spec.split(","):
         part = part.strip()
-        lo, sep, hi = part.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"bad seed range {part!r}: expected N or A-B with non-negative integers")
-        a, b = int(lo), int(hi) if sep else int(lo)
+        m = _SEED_PART.fullmatch(part)
+        if m is None:
+            shown = part if len(part) <= 40 else part[:37] + "..."
+            raise ValueError(f"bad seed range {shown!r}: expected N or A-B with non-negative integers")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
         if b < a:
             raise ValueError(f"bad seed range {part!r}: the end is before the start")
-        if b >= 2**63:
+        if b >= SEED_LIMIT:
             raise ValueError(f"seed {b} is too large (must be < 2**63)")
-        if len(seeds) + (b - a + 1) > 10_000_000:
-            raise ValueError("too many seeds (at most 10,000,000)")
+        if len(seeds) + (b - a + 1) > MAX_SEEDS:
+            raise ValueError(f"too many seeds (at most {MAX_SEEDS:,})")
         seeds.extend(range(a, b + 1))
     if len(set(seeds)) != len(seeds):
         raise ValueError("seeds must not repeat")
@@ -117,24 +178,32 @@ class CheckFinite:
             if hasattr(denoiser, attr):
                 setattr(self, attr, getattr(denoiser, attr))
 
+    def step_of(self, sigma: float) -> int:
+        """The index of the grid step nearest ``sigma`` (in log sigma); -1 for sigma <= 0."""
+        if not sigma > 0 or len(self.log_grid) == 0:
+            return -1
+        return int((self.log_grid - math.log(sigma)).abs().argmin())
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor | Prediction:
         out = self.inner(x, sigma, **cond)
         x0 = as_prediction(out).x0
         if not bool(torch.isfinite(x0).all()):
             s = float(_sigma_vector(sigma, x)[0])
-            step = int((self.log_grid - math.log(s)).abs().argmin()) if s > 0 else -1
-            raise NonFiniteError(f"the network returned NaN or inf at step {step} (sigma = {s:.6g})")
+            raise NonFiniteError(f"the network returned NaN or inf at step {self.step_of(s)} of {len(self.log_grid)} (sigma = {s:.6g})")
         return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling over seeds
+# Files: atomic writes, shards, stale temporaries
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Job:
-    """Everything that determines a sample besides its seed (hashed into the run manifest)."""
+    """Everything that determines a sample besides its seed (hashed into the run manifest).
+
+    The batch size and the world size are not part of it: a sample depends only on its seed.
+    """
 
     sampler: str
     sigmas: tuple[float, ...]
@@ -143,27 +212,213 @@ class Job:
     lam: str
     options: str
     model: str
-    batch_size: int
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stable(o: Any) -> Any:
+    """A JSON-able description of a sampler option that is the same in every process.
+
+    ``str(obj)`` of a function or hook embeds a memory address; here an object becomes its
+    type's name plus its plain scalar attributes (e.g. a guidance ``scale``), a tensor its hash.
+    """
+    if o is None or isinstance(o, (bool, int, str)):
+        return o
+    if isinstance(o, float):
+        return repr(o)
+    if isinstance(o, (list, tuple)):
+        return [_stable(v) for v in o]
+    if isinstance(o, dict):
+        return {str(k): _stable(v) for k, v in sorted(o.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(o, torch.Tensor):
+        t = o.detach().cpu().contiguous()
+        return ["tensor", str(t.dtype), list(t.shape), hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]]
+    if isinstance(o, np.ndarray):
+        return _stable(torch.from_numpy(np.ascontiguousarray(o)))
+    name = getattr(o, "__qualname__", None) or f"{type(o).__module__}.{type(o).__qualname__}"
+    attrs = {k: v for k, v in vars(o).items() if isinstance(v, (bool, int, float, str)) and not k.startswith("_")} if hasattr(o, "__dict__") and not callable(getattr(o, "__code__", None)) else {}
+    return [name, _stable(attrs)]
+
+
+_SHARD = re.compile(r"seeds-(\d+)-(\d+)\.npz")
+# What follows ".{name}." in the temporary names our writers use: "<pid>.tmp" (shards),
+# "<pid>.<hex>.tmp" (save_npz, FeatureStats.save), "tmp<pid>[.png]" (PNG grids, JSON), "tmp".
+_TEMP_REST = re.compile(r"\d+(?:\.[0-9a-f]+)?\.tmp|tmp\d*(?:\.png)?")
+
+
+def shard_name(batch: Sequence[int]) -> str:
+    """``seeds-{first:06d}-{last:06d}.npz``: the smallest and largest seed of a batch.
+
+    Shards of one run hold disjoint seed sets, so their smallest seeds, and names, differ.
+    """
+    return f"seeds-{min(batch):06d}-{max(batch):06d}.npz"
 
 
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write an ``.npz`` under a temporary name, fsync it, and move it into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(seeds int64 [n], images [n, ...], labels [n] or [0]), or None for anything damaged."""
     try:
-        with np.load(path) as z:
-            return z["seeds"], z["images"], z["labels"]
+        with np.load(path, allow_pickle=False) as z:
+            seeds, images, labels = z["seeds"], z["images"], z["labels"]
     except Exception:  # a damaged shard is recomputed, never trusted
         return None
+    n = len(seeds) if seeds.ndim == 1 else -1
+    if n < 1 or seeds.dtype.kind not in "iu" or images.ndim < 1 or len(images) != n or labels.ndim != 1 or len(labels) not in (0, n):
+        return None
+    return seeds.astype(np.int64), images, labels
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writers of ``path`` left next to it.
+
+    Our writers (``save_npz``, ``FeatureStats.save``, shards, PNG grids) all write
+    ``.{name}.<pid>[...].tmp``-like names in the same folder and then ``os.replace`` them.
+    Call this only while no other process writes ``path``.
+    """
+    p = Path(path)
+    removed = []
+    prefix = f".{p.name}."
+    try:
+        entries = list(p.parent.iterdir())
+    except OSError:
+        return removed
+    for q in entries:
+        if q.name.startswith(prefix) and _TEMP_REST.fullmatch(q.name[len(prefix) :]) and q.is_file():
+            q.unlink(missing_ok=True)
+            removed.append(q)
+    return removed
+
+
+def _trash_dirs(wd: Path) -> list[Path]:
+    return [q for q in wd.parent.glob(f".{glob.escape(wd.name)}.removing-*") if q.is_dir()]
+
+
+class _Lock:
+    """An exclusive advisory lock on ``work_dir/lock`` (rank 0; released on exit or kill)."""
+
+    def __init__(self, wd: Path) -> None:
+        self.fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks here (Windows): go without
+            return
+        fd = os.open(wd / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"another run is using the work directory {wd}; wait for it, or pass another --work-dir") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling over seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def _digest(values: Sequence[int] | None) -> str | None:
+    if values is None:
+        return None
+    return hashlib.sha256(np.asarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _prepare(wd: Path, manifest: dict, seeds: Sequence[int], outputs: Sequence[Path]) -> tuple[_Lock, dict[Path, tuple]]:
+    """Rank 0: create/lock the work directory, check the manifest, clean up, read the shards."""
+    try:
+        if wd.exists() and not wd.is_dir():
+            raise ValueError(f"cannot use work directory {wd}: it is a file")
+        wd.mkdir(parents=True, exist_ok=True)
+        if not os.access(wd, os.W_OK):
+            raise ValueError(f"cannot use work directory {wd}: it is not writable")
+        lock = _Lock(wd)
+    except OSError as e:
+        raise ValueError(f"cannot use work directory {wd}: {e.strerror or e}") from None
+    try:
+        # Leftovers of killed runs: temporaries and half-removed work directories.
+        for q in wd.iterdir():
+            if q.name.startswith(".") and "tmp" in q.name:
+                q.unlink(missing_ok=True)
+        for path in outputs:
+            remove_stale_temps(path)
+        for trash in _trash_dirs(wd):
+            shutil.rmtree(trash, ignore_errors=True)
+
+        # Manifest: same job and seeds, or refuse.
+        mpath = wd / "run.json"
+        keys = ("job", "seeds", "labels")
+        if mpath.exists():
+            try:
+                old = json.loads(mpath.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                old = None
+            if isinstance(old, dict) and {k: old.get(k) for k in keys} != {k: manifest[k] for k in keys}:
+                raise ValueError(f"{wd} holds an unfinished run with different settings; rerun that command, or delete {wd}")
+        _atomic_text(mpath, json.dumps(manifest, indent=2, default=str) + "\n")
+
+        # Finished shards.
+        wanted = set(seeds)
+        done: dict[Path, tuple] = {}
+        for p in sorted(wd.iterdir()):
+            if not _SHARD.fullmatch(p.name):
+                continue
+            got = _read_shard(p)
+            if got is None or not set(got[0].tolist()) <= wanted:
+                log.warning("ignoring damaged or foreign shard %s", p)
+                p.unlink(missing_ok=True)
+                continue
+            done[p] = got
+        return lock, done
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _assemble(wd: Path, seeds: Sequence[int], parts: dict[Path, tuple]) -> list[tuple]:
+    """Rank 0: all shards in the work directory (those read at start plus the new ones)."""
+    for p in sorted(wd.iterdir()):
+        if _SHARD.fullmatch(p.name) and p not in parts:
+            got = _read_shard(p)
+            if got is not None:
+                parts[p] = got
+    have: set[int] = set()
+    for s, _, _ in parts.values():
+        have.update(s.tolist())
+    missing = [s for s in seeds if s not in have]
+    if missing:
+        raise ValueError(f"{len(missing)} samples (seed {missing[0]} first) are missing from {wd} after sampling; rerun the same command to finish")
+    return list(parts.values())
 
 
 def sample_seeds(
@@ -181,117 +436,147 @@ def sample_seeds(
     labels: Sequence[int] | None = None,
     work_dir: str | os.PathLike | None = None,
     job_meta: dict | None = None,
+    outputs: Sequence[str | os.PathLike | None] = (),
     progress: bool = False,
     device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Sample one image per seed; returns (uint8 NHWC in seed order, labels or None) on rank 0.
 
-    With ``work_dir`` every batch is saved as it finishes and a rerun resumes. Class labels:
-    ``labels`` (one per seed) if given, else, for a class-conditional model, each seed draws its
-    label from its own generator right after x_T (EDM's ``generate.py``).
+    With ``work_dir`` every batch is saved as it finishes and a rerun resumes (see the module
+    docstring); ``outputs`` names the final files the caller will write, whose stale
+    temporaries a restart removes. Class labels: ``labels`` (one per seed) if given, else, for a
+    class-conditional model, each seed draws its label from its own generator right after x_T
+    (EDM's ``generate.py``). Other ranks return None.
     """
     from tqdm import tqdm
 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    seeds = list(seeds)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("no seeds to sample")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds must not repeat")
+    if min(seeds) < 0 or max(seeds) >= SEED_LIMIT:
+        raise ValueError("seeds must be integers in [0, 2**63)")
     if labels is not None and len(labels) != len(seeds):
         raise ValueError(f"got {len(labels)} labels for {len(seeds)} seeds")
-    label_of = dict(zip(seeds, labels)) if labels is not None else None
+    label_of = dict(zip(seeds, (int(v) for v in labels))) if labels is not None else None
     r, w = rank(), world_size()
-    mine = seeds[r::w]
-    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     guarded = CheckFinite(denoiser, sigmas)
     fn = SAMPLERS[sampler]
 
-    # Work directory and manifest.
+    # Work directory: rank 0 checks it and reads what is done; every rank learns the outcome.
     wd = Path(work_dir) if work_dir is not None else None
+    lock: _Lock | None = None
+    parts: dict[Path, tuple] = {}
+    done: set[int] = set()
     if wd is not None:
-        job = Job(sampler, tuple(float(s) for s in sigmas), tuple(shape), prior_kind, str((job_meta or {}).get("lam")), json.dumps(sampler_opts or {}, sort_keys=True, default=str), str((job_meta or {}).get("model")), batch_size)
-        manifest = {"job": job.key(), "seeds": hashlib.sha256(np.asarray(seeds, dtype=np.int64).tobytes()).hexdigest()[:16], "labels": None if labels is None else hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16], "world_size": w, **(job_meta or {})}
+        meta = job_meta or {}
+        job = Job(sampler, tuple(float(s) for s in sigmas), tuple(int(v) for v in shape), prior_kind, str(meta.get("lam")), json.dumps(_stable(sampler_opts or {}), sort_keys=True), str(meta.get("model")))
+        manifest = {"job": job.key(), "seeds": _digest(seeds), "labels": _digest(labels), "num_seeds": len(seeds), "world_size": w, "batch_size": batch_size, **meta}
+        status: tuple[str, Any]
         if r == 0:
-            wd.mkdir(parents=True, exist_ok=True)
-            mpath = wd / "run.json"
-            if mpath.exists():
-                try:
-                    old = json.loads(mpath.read_text())
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    old = None
-                if old is not None and {k: old.get(k) for k in ("job", "seeds", "labels", "world_size")} != {k: manifest[k] for k in ("job", "seeds", "labels", "world_size")}:
-                    raise ValueError(f"{wd} holds an unfinished run with different settings; rerun that command, or delete {wd}")
-            tmp = mpath.with_name(f".run.json.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-            os.replace(tmp, mpath)
-        barrier()
-
-    # Sample this rank's batches.
-    bar = tqdm(total=len(mine), disable=not progress or r != 0, unit="img", desc=sampler)
-    local: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for j, batch in enumerate(batches):
-        shard = wd / f"shard-r{r}-w{w}-b{j:06d}.npz" if wd is not None else None
-        if shard is not None and shard.exists():
-            got = _read_shard(shard)
-            if got is not None and list(got[0]) == list(batch):
-                bar.update(len(batch))
-                continue
-        gen = StackedGenerator(batch, device=device)
-        z = gen.randn((len(batch), *shape), device=device)
-        cond: dict[str, torch.Tensor] = {}
-        if label_of is not None:
-            cond["y"] = torch.tensor([label_of[s] for s in batch], device=device)
-        elif num_classes:
-            cond["y"] = gen.randint(num_classes, (len(batch),), device=device)
-        x = prior(z, sigmas[0], kind=prior_kind)
-        with torch.no_grad():
-            out = fn(guarded, x, sigmas, noise=gen, cond=cond or None, **(sampler_opts or {}))
-        images = to_uint8(out)
-        lab = cond["y"].cpu().numpy() if "y" in cond else np.zeros(0, dtype=np.int64)
-        if shard is not None:
-            _atomic_npz(shard, seeds=np.asarray(batch, dtype=np.int64), images=images, labels=lab)
+            try:
+                lock, parts = _prepare(wd, manifest, seeds, [Path(p) for p in outputs if p is not None])
+                status = ("ok", sorted({s for got in parts.values() for s in got[0].tolist()}))
+            except (ValueError, OSError) as e:
+                status = ("error", str(e) if isinstance(e, ValueError) else f"cannot use work directory {wd}: {e.strerror or e}")
         else:
-            local.append((np.asarray(batch), images, lab))
-        bar.update(len(batch))
-    bar.close()
+            status = ("ok", [])
+        status = broadcast_object(status)
+        if status[0] == "error":
+            raise ValueError(status[1])
+        done = set(status[1])
+        if done:
+            log.info("resuming in %s: %d of %d samples are done", wd, len(done), len(seeds))
 
-    # Assemble on rank 0.
-    barrier()
-    if wd is None:
-        parts = local
-        if w > 1:
-            gathered: list[Any] = [None] * w
-            torch.distributed.all_gather_object(gathered, parts)
-            parts = [p for g in gathered for p in g]
-        if r != 0:
-            return None
-    else:
-        if r != 0:
+    try:
+        # This rank's share of what is left.
+        todo = [s for s in seeds if s not in done]
+        mine = todo[r::w]
+        batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+        # Sample, saving each batch as it finishes.
+        bar = tqdm(total=len(seeds), initial=len(done), disable=not progress or r != 0, unit="img", desc=sampler)
+        local: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for batch in batches:
+            gen = StackedGenerator(batch, device=device)
+            z = gen.randn((len(batch), *shape), device=device)
+            cond: dict[str, torch.Tensor] = {}
+            if label_of is not None:
+                cond["y"] = torch.tensor([label_of[s] for s in batch], device=device)
+            elif num_classes:
+                cond["y"] = gen.randint(num_classes, (len(batch),), device=device)
+            x = prior(z, sigmas[0], kind=prior_kind)
+            with torch.no_grad():
+                out = fn(guarded, x, sigmas, noise=gen, cond=cond or None, **(sampler_opts or {}))
+            if not bool(torch.isfinite(out).all()):
+                raise NonFiniteError(f"the sampler produced NaN or inf at the end of sampling (seeds {batch[0]}...{batch[-1]})")
+            images = to_uint8(out)
+            lab = cond["y"].cpu().numpy().astype(np.int64) if "y" in cond else np.zeros(0, dtype=np.int64)
+            item = (np.asarray(batch, dtype=np.int64), images, lab)
+            if wd is not None:
+                try:
+                    _atomic_npz(wd / shard_name(batch), seeds=item[0], images=images, labels=lab)
+                except OSError as e:
+                    raise ValueError(f"cannot write a shard to {wd}: {e.strerror or e}") from None
+            else:
+                local.append(item)
+            bar.update(min(len(batch) * w, bar.total - bar.n))
+        bar.close()
+
+        # Gather on rank 0.
+        if wd is None:
+            gathered: list[Any] = [local]
+            if w > 1:
+                gathered = [None] * w
+                torch.distributed.all_gather_object(gathered, local)
+            if r != 0:
+                return None
+            plist = [p for g in gathered for p in g]
+        else:
             barrier()
-            return None
-        parts = []
-        for rr in range(w):
-            for j in range(math.ceil(len(seeds[rr::w]) / batch_size)):
-                got = _read_shard(wd / f"shard-r{rr}-w{w}-b{j:06d}.npz")
-                if got is None:
-                    raise RuntimeError(f"shard {rr}/{j} is missing after sampling; rerun the same command to finish")
-                parts.append(got)
+            if r != 0:
+                return None
+            plist = _assemble(wd, seeds, parts)
+    finally:
+        if lock is not None:
+            lock.release()
+
+    # Put every sample at its seed's place.
     order = {s: i for i, s in enumerate(seeds)}
     n = len(seeds)
-    first = parts[0][1]
+    first = plist[0][1]
     images_all = np.empty((n, *first.shape[1:]), dtype=first.dtype)
-    labels_all = np.empty(n, dtype=np.int64) if len(parts[0][2]) else None
-    for s, im, lab in parts:
+    labels_all = np.empty(n, dtype=np.int64) if len(plist[0][2]) else None
+    for s, im, lab in plist:
+        if im.shape[1:] != first.shape[1:] or im.dtype != first.dtype or (labels_all is not None) != bool(len(lab)):
+            raise ValueError(f"shards in {wd} disagree in image shape, dtype or labels; delete {wd} and rerun")
         idx = [order[int(v)] for v in s]
         images_all[idx] = im
         if labels_all is not None:
             labels_all[idx] = lab
-    if wd is not None:
-        barrier()
     return images_all, labels_all
 
 
 def finish(work_dir: str | os.PathLike | None) -> None:
-    """Remove a work directory after the final output is safely written (rank 0)."""
-    if work_dir is not None and rank() == 0:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    """Remove a work directory after the final output is safely written (rank 0).
+
+    The directory is first renamed (atomically) out of the way, so a kill during the removal
+    leaves either the complete work directory (a rerun just reassembles) or a hidden
+    ``.NAME.removing-PID`` folder that the next run in that place deletes.
+    """
+    if work_dir is None or rank() != 0:
+        return
+    wd = Path(work_dir)
+    if not wd.is_dir():
+        return
+    trash = wd.with_name(f".{wd.name}.removing-{os.getpid()}")
+    try:
+        os.replace(wd, trash)
+    except OSError:
+        trash = wd
+    shutil.rmtree(trash, ignore_errors=True)
