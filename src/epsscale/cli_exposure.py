@@ -1,0 +1,184 @@
+"""``epsscale measure`` and ``epsscale calibrate``: thin wrappers over :mod:`epsscale.exposure`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# Seeds used for tuning lambda: far from the seeds users and the demo sample from (0..).
+TUNING_SEED0 = 1_000_000
+
+
+def _data(model: Any, num: int, seed: int, split: str = "train") -> Any:
+    """``num`` real images in model space, a seeded random subset of a Fashion-MNIST split."""
+    import numpy as np
+
+    from .data.fashion_mnist import load_fashion_mnist, to_model_space
+
+    if model.config.get("data") != "fashion-mnist":
+        raise ValueError("measure/calibrate need the model's training data; only Fashion-MNIST models are supported here (use the epsscale.exposure API otherwise)")
+    images, _ = load_fashion_mnist(split)
+    if num > len(images):
+        raise ValueError(f"--num {num} exceeds the {len(images)} images of the {split} split")
+    idx = np.random.default_rng(seed).choice(len(images), num, replace=False)
+    return to_model_space(images[np.sort(idx)], model.shape[-1])
+
+
+def _default_lam(args: argparse.Namespace, sampler: str) -> Any:
+    from .cli import _lam_from_args
+    from .demo import ES_FILE, shipped_lambdas
+
+    if args.eps_scale is not None or args.eps_schedule:
+        return _lam_from_args(args)
+    if args.model == "fmnist" and ES_FILE.exists():
+        return shipped_lambdas()[sampler]
+    raise ValueError("give the ES setting to compare with: --eps-scale B or --eps-schedule FILE")
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .cli import _threads, _writable, make_grid, sampler_options
+    from .exposure import exposure_json, measure_exposure, plot_delta, plot_eps_norms
+    from .models.pretrained import load_model
+
+    _threads(args)
+    out = Path(args.out)
+    _writable(out / "exposure.json") if out.exists() else _writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind)
+    lam = _default_lam(args, args.sampler)
+    x0 = _data(model, args.num, args.data_seed)
+    t0 = time.time()
+    rep = measure_exposure(model.denoiser, x0, sigmas, args.sampler, lam, seeds=range(TUNING_SEED0, TUNING_SEED0 + args.num), sampler_opts=sampler_options(args), batch_size=args.batch)
+    meta = {"model": args.model, "sampler": args.sampler, "steps": args.steps, "grid": args.grid_kind, "lam": repr(lam), "num": args.num, "seconds": round(time.time() - t0, 1)}
+    doc = exposure_json(rep, schedule=model.schedule if args.sampler in ("ddpm", "ddim") else None, meta=meta)
+    tmp = out / ".exposure.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out / "exposure.json")
+    plot_delta(rep.delta_baseline, rep.delta_es, out / "delta_t.png")
+    plot_eps_norms(rep.eps, out / "eps_norm.png")
+    d_b, d_e = doc["delta_t"]["baseline"], doc["delta_t"]["es"]
+    e = doc["eps_norm"]
+    print(f"{args.sampler}, {args.steps} steps, {args.num} images, ES {lam!r}")
+    print("| t | delta_t baseline | delta_t ES | eps-norm training | sampling | sampling after ES |")
+    print("|---|---|---|---|---|---|")
+    for i, t in enumerate(doc["t"]):
+        es_d = f"{d_e[i]:.3g}" if d_e else "-"
+        es_n = f"{e['sampling_es'][i]:.2f}" if e.get("sampling_es") else "-"
+        tt = f"{t:.0f}" if doc["t_kind"] == "timestep" else f"{t:.4g}"
+        print(f"| {tt} | {d_b[i]:.3g} | {es_d} | {e['training'][i]:.2f} | {e['sampling'][i]:.2f} | {es_n} |")
+    print(f"\nwrote {out / 'exposure.json'}, {out / 'delta_t.png'}, {out / 'eps_norm.png'} ({meta['seconds']}s)")
+    return 0
+
+
+def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, seed0: int, batch: int, ref: str = "fashion-mnist-train") -> Callable[[float], float]:
+    """b -> FID of ``num`` uniform-ES samples (seeds from ``seed0``), classifier features."""
+    from .data.fashion_mnist import from_model_space
+    from .distributed import sample_seeds
+    from .metrics import compute_fid, feature_stats, get_extractor, reference_stats
+    from .scaling import eps_scaling
+
+    ext = get_extractor("fmnist")
+    ref_stats = reference_stats(ext, ref)
+
+    def evaluate(b: float) -> float:
+        images, _ = sample_seeds(eps_scaling(model.denoiser, b, sigmas=sigmas), range(seed0, seed0 + num), model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts)
+        return compute_fid(feature_stats(images, ext), ref_stats)
+
+    return evaluate
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .cli import _threads, _writable, make_grid, sampler_options
+    from .exposure import calibrate_norm_matching, fid_search, plot_eps_norms, plot_fid_vs_b, write_calibrated_schedule
+    from .models.pretrained import load_model
+    from .samplers import nfe
+    from .scaling import Uniform
+
+    _threads(args)
+    out = _writable(args.out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out must end in .json, got {out}")
+    model = load_model(args.model)
+    sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind)
+    opts = sampler_options(args)
+    meta: dict[str, Any] = {"model": args.model, "sampler": args.sampler, "steps": args.steps, "grid": args.grid_kind, "method": args.method, "sampler_options": {k: v for k, v in opts.items() if k != "classifier_grad"}}
+    t0 = time.time()
+    if args.method == "norm":
+        x0 = _data(model, args.num, args.data_seed)
+        sched, info = calibrate_norm_matching(model.denoiser, x0, sigmas, args.sampler, args.kind, seeds=range(TUNING_SEED0, TUNING_SEED0 + args.num), sampler_opts=opts, batch_size=args.batch)
+        meta.update(kind=args.kind, num=args.num, nfe=info.nfe, passes=info.passes, converged=info.converged, seconds=round(time.time() - t0, 1), calibration=info.to_dict())
+        write_calibrated_schedule(out, sched, meta)
+        png = out.with_suffix(".png")
+        _plot_calibration(info, png)
+        print(f"norm matching ({args.kind}): {sched}  [{info.nfe} network evaluations in {info.passes} passes, {meta['seconds']}s]")
+    else:
+        evaluate = fid_evaluator(model, args.sampler, sigmas, opts, args.fid_num, TUNING_SEED0, args.batch)
+        cache = Path(args.cache) if args.cache else out.with_suffix(".points.json")
+        res = fid_search(evaluate, args.lo, args.hi, method=args.search, cache_path=cache, points=args.points, tol=args.tol, key={"model": args.model, "sampler": args.sampler, "steps": args.steps, "grid": args.grid_kind, "num": args.fid_num, "seed0": TUNING_SEED0})
+        pts = dict(res.points)
+        meta.update(num=args.fid_num, seed0=TUNING_SEED0, points={str(k): v for k, v in pts.items()}, best_fid=res.best_score, nfe=len(pts) * args.fid_num * nfe(args.sampler, args.steps), seconds=round(time.time() - t0, 1))
+        write_calibrated_schedule(out, Uniform(float(res.best_b)), meta)
+        png = out.with_suffix(".png")
+        plot_fid_vs_b(res.points, png)
+        print(f"FID search ({args.search}): best b = {res.best_b:.5g}, FID {res.best_score:.4f}, {len(pts)} points ({res.new_evaluations} new)  [{meta['nfe']} network evaluations, {meta['seconds']}s]")
+    print(f"wrote {out}" + (f" and {png}" if png.exists() else ""))
+    return 0
+
+
+def _plot_calibration(info: Any, path: Path) -> None:
+    """Training vs sampling eps-norm (baseline and chosen schedule) and the chosen lambda."""
+    import os
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6))
+    a, b = fig.subplots(1, 2)
+    s = info.sigma.numpy()
+    a.plot(s, info.training.numpy(), label="training")
+    a.plot(s, info.baseline.numpy(), label="sampling, lambda = 1")
+    a.plot(s, (info.sampling_raw / info.lam).numpy(), label="sampling, calibrated ES")
+    a.set_xscale("log")
+    a.set_xlabel("sigma")
+    a.set_ylabel("||eps||")
+    a.legend(fontsize=7)
+    b.plot(s, info.lam.numpy(), marker=".")
+    b.set_xscale("log")
+    b.set_xlabel("sigma")
+    b.set_ylabel("lambda")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def add_commands(sub: Any, add_sampling_options: Callable[..., None]) -> None:
+    from .cli import nonneg_float, positive_int
+
+    m = sub.add_parser("measure", help="exposure bias: delta_t and eps-norm curves, baseline vs ES")
+    add_sampling_options(m)
+    m.add_argument("--num", type=positive_int, default=256, help="real training images (and trajectories)")
+    m.add_argument("--batch", type=positive_int, default=256)
+    m.add_argument("--data-seed", type=int, default=0, help="which random subset of the training images")
+    m.add_argument("--out", required=True, help="output directory (exposure.json, delta_t.png, eps_norm.png)")
+    m.set_defaults(func=cmd_measure)
+
+    c = sub.add_parser("calibrate", help="choose lambda: norm matching (cheap) or an FID search (cached, resumable)")
+    add_sampling_options(c)
+    c.add_argument("--method", choices=("norm", "fid"), default="norm")
+    c.add_argument("--kind", choices=("uniform", "linear", "per_sigma"), default="uniform", help="norm matching: schedule family")
+    c.add_argument("--num", type=positive_int, default=256, help="norm matching: real images / trajectories")
+    c.add_argument("--data-seed", type=int, default=0)
+    c.add_argument("--search", choices=("golden", "grid"), default="grid", help="FID search method")
+    c.add_argument("--lo", type=nonneg_float, default=1.0)
+    c.add_argument("--hi", type=nonneg_float, default=1.03)
+    c.add_argument("--points", type=positive_int, default=7, help="grid points")
+    c.add_argument("--tol", type=nonneg_float, default=1e-3)
+    c.add_argument("--fid-num", type=positive_int, default=1000, help="samples per FID point")
+    c.add_argument("--cache", default=None, help="FID points cache (default OUT.points.json)")
+    c.add_argument("--batch", type=positive_int, default=250)
+    c.add_argument("--out", required=True, help="schedule JSON")
+    c.set_defaults(func=cmd_calibrate)
