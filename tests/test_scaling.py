@@ -1,0 +1,92 @@
+"""Epsilon Scaling schedules and the transform."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import ForbiddenDenoiser, GaussianDenoiser
+from epsscale import Calibrated, Linear, PerSigma, Uniform, VPSchedule, eps_scaling, load_schedule, save_schedule
+from epsscale.scaling import schedule_from_dict
+
+
+def test_linear_indexing_follows_the_paper():
+    """lambda_i = b + k i with i the respaced index and i = 0 the last (cleanest) step."""
+    grid = VPSchedule("cosine").grid("20")
+    bound = Linear(k=0.0025, b=1.0).bind(grid)
+    lams = bound.lam(grid[:-1])
+    assert lams[0].item() == pytest.approx(1.0 + 0.0025 * 19)  # first, noisiest step
+    assert lams[-1].item() == pytest.approx(1.0)  # last step
+    assert torch.allclose(lams, 1.0 + 0.0025 * torch.arange(19, -1, -1, dtype=torch.float64))
+    assert torch.allclose(Linear(0.001, 1.0).values(3), torch.tensor([1.002, 1.001, 1.0], dtype=torch.float64))
+
+
+def test_per_sigma_interpolates_in_log_sigma_and_clamps():
+    ps = PerSigma((0.1, 10.0), (1.0, 1.02))
+    assert ps.lam(torch.tensor([1.0])).item() == pytest.approx(1.01)  # midpoint in log sigma
+    assert ps.lam(torch.tensor([0.01, 1000.0])).tolist() == pytest.approx([1.0, 1.02])
+    assert PerSigma((1.0,), (1.05,)).lam(torch.tensor([0.3, 3.0])).tolist() == [1.05, 1.05]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "1.01", None])
+def test_bad_lambda_fails_before_any_network_call(bad):
+    with pytest.raises(ValueError):
+        eps_scaling(ForbiddenDenoiser(), bad)
+
+
+def test_bad_schedules():
+    grid = VPSchedule("cosine").grid("20")
+    with pytest.raises(ValueError, match="sigma grid"):
+        eps_scaling(ForbiddenDenoiser(), Linear(0.001, 1.0))  # needs the grid
+    with pytest.raises(ValueError, match="> 0"):
+        eps_scaling(ForbiddenDenoiser(), Linear(-0.1, 1.0), sigmas=grid)  # negative at the first step
+    for args in [((1.0,), (0.0,)), ((1.0, 2.0), (1.0,)), ((-1.0,), (1.0,)), ((1.0, 1.0), (1.0, 1.0)), ((), ())]:
+        with pytest.raises(ValueError):
+            PerSigma(*args)
+    with pytest.raises(ValueError):
+        Linear(float("nan"), 1.0)
+
+
+def test_transform_is_eps_over_lambda():
+    x = torch.randn(5, 3, dtype=torch.float64) * 3
+    sigma = torch.full((5,), 2.0, dtype=torch.float64)
+    d = GaussianDenoiser(0.5)
+    eps = (x - d(x, sigma)) / sigma[:, None]
+    es = eps_scaling(d, 1.02)(x, sigma)
+    torch.testing.assert_close((x - es) / sigma[:, None], eps / 1.02)
+    assert torch.equal(eps_scaling(d, 1.0)(x, sigma), d(x, sigma))
+    # per-sample lambda from a per-sigma table
+    ps = eps_scaling(d, PerSigma((1.0, 4.0), (1.0, 1.1)))
+    sig = torch.tensor([1.0, 4.0, 1.0, 4.0, 2.0], dtype=torch.float64)
+    out = ps(x, sig)
+    lam = torch.tensor([1.0, 1.1, 1.0, 1.1, 1.05], dtype=torch.float64)
+    torch.testing.assert_close((x - out) / sig[:, None], ((x - d(x, sig)) / sig[:, None]) / lam[:, None])
+
+
+def test_json_round_trip(tmp_path):
+    for sched in (Uniform(1.017), Linear(0.0025, 1.0), PerSigma((0.1, 1.0, 10.0), (1.0, 1.01, 1.005))):
+        p = tmp_path / "s.json"
+        save_schedule(p, sched, {"model": "m", "sampler": "ddpm", "steps": 20})
+        back = load_schedule(p)
+        assert isinstance(back, Calibrated) and back.schedule == sched and back.meta["steps"] == 20
+        assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        [],
+        {"format": "other", "type": "uniform", "b": 1.0},
+        {"format": "epsscale.schedule/1", "type": "cubic"},
+        {"format": "epsscale.schedule/1", "type": "uniform", "b": "1.0"},
+        {"format": "epsscale.schedule/1", "type": "uniform", "b": 0},
+        {"format": "epsscale.schedule/1", "type": "per_sigma", "sigmas": [1, 2], "lams": [1]},
+        {"format": "epsscale.schedule/1", "type": "per_sigma", "sigmas": "x", "lams": [1]},
+        {"format": "epsscale.schedule/1", "type": "linear", "k": None, "b": 1},
+        {"format": "epsscale.schedule/1", "type": "uniform", "b": 1.0, "meta": []},
+    ],
+)
+def test_schedule_json_validation(doc):
+    with pytest.raises(ValueError):
+        schedule_from_dict(doc, "s.json")
