@@ -22,7 +22,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 DISC = {"ddpm": "respaced", "ddim": "respaced", "euler": "karras", "heun": "karras", "dpmpp_2m": "karras"}

@@ -9,7 +9,7 @@ import torch
 from conftest import CountingNoise, GaussianDenoiser
 from epsscale import Prediction, StackedGenerator, VPSchedule, eps_scaling, prior, sigmas_karras
 from epsscale.data import ImperfectDenoiser, default_mixture
-from epsscale.samplers import SAMPLERS, ddim, ddpm, dpmpp_2m, euler, heun, nfe
+from epsscale.samplers import SAMPLERS, ddim, ddpm, euler, heun, nfe
 
 S = 0.5
 SIGMA_MAX = 80.0

@@ -1,7 +1,5 @@
 """Epsilon Scaling schedules and the transform."""
 
-import json
-import math
 
 import pytest
 import torch

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._atomic import atomic_write
+
 log = logging.getLogger("epsscale")
 
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m")
@@ -165,9 +167,6 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = 20
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     from . import distributed as dist
     from .scaling import eps_scaling
 
@@ -386,10 +385,7 @@ def _sample_toy(args: argparse.Namespace, lam: Any, out: Path, grid_png: Path | 
     gen = StackedGenerator(args.seeds)
     x = prior(gen.randn((len(args.seeds), 2), dtype=torch.float64), sigmas[0], kind="vp")
     pts = SAMPLERS[args.sampler](den, x, sigmas, noise=gen, **sampler_options(args)).double().numpy()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, arr_0=pts)
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: np.savez(f, arr_0=pts))
     if grid_png:
         _scatter([("samples", pts)], grid_png)
     if not args.quiet:
@@ -423,9 +419,7 @@ def save_image_grid(images: Any, path: Path, *, ncol: int | None = None, title: 
         canvas[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = im
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def _scatter(panels: Sequence[tuple[str, Any]], path: Path, reference: Any = None) -> None:
@@ -444,10 +438,8 @@ def _scatter(panels: Sequence[tuple[str, Any]], path: Path, reference: Any = Non
         ax.set_ylim(-3.2, 3.2)
         ax.set_aspect("equal")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ._atomic import atomic_write, atomic_write_text
+
 # Seeds used for tuning lambda: far from the seeds users and the demo sample from (0..).
 TUNING_SEED0 = 1_000_000
 
@@ -55,9 +57,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     rep = measure_exposure(model.denoiser, x0, sigmas, args.sampler, lam, seeds=range(TUNING_SEED0, TUNING_SEED0 + args.num), sampler_opts=sampler_options(args), batch_size=args.batch)
     meta = {"model": args.model, "sampler": args.sampler, "steps": args.steps, "grid": args.grid_kind, "lam": repr(lam), "num": args.num, "seconds": round(time.time() - t0, 1)}
     doc = exposure_json(rep, schedule=model.schedule if args.sampler in ("ddpm", "ddim") else None, meta=meta)
-    tmp = out / ".exposure.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out / "exposure.json")
+    atomic_write_text(out / "exposure.json", json.dumps(doc, indent=1) + "\n")
     plot_delta(rep.delta_baseline, rep.delta_es, out / "delta_t.png")
     plot_eps_norms(rep.eps, out / "eps_norm.png")
     d_b, d_e = doc["delta_t"]["baseline"], doc["delta_t"]["es"]
@@ -93,7 +93,7 @@ def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, s
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .cli import _threads, _writable, make_grid, sampler_options
-    from .exposure import calibrate_norm_matching, fid_search, plot_eps_norms, plot_fid_vs_b, write_calibrated_schedule
+    from .exposure import calibrate_norm_matching, fid_search, plot_fid_vs_b, write_calibrated_schedule
     from .models.pretrained import load_model
     from .samplers import nfe
     from .scaling import Uniform
@@ -131,8 +131,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _plot_calibration(info: Any, path: Path) -> None:
     """Training vs sampling eps-norm (baseline and chosen schedule) and the chosen lambda."""
-    import os
-
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 3.6))
@@ -150,9 +148,7 @@ def _plot_calibration(info: Any, path: Path) -> None:
     b.set_xlabel("sigma")
     b.set_ylabel("lambda")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def add_commands(sub: Any, add_sampling_options: Callable[..., None]) -> None:

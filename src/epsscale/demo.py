@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._atomic import atomic_write, atomic_write_text
+
 __all__ = ["fmnist_demo", "toy_demo", "DEMO_SETTINGS"]
 
 # (label, sampler, grid kind, steps)
 DEMO_SETTINGS = (("DDPM", "ddpm", "respaced", 20), ("DDIM", "ddim", "respaced", 20), ("Euler", "euler", "karras", 20))
 ES_FILE = Path(__file__).resolve().parent / "assets" / "fmnist_adm_es.json"
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def shipped_lambdas() -> dict[str, float]:
@@ -43,7 +38,7 @@ def shipped_lambdas() -> dict[str, float]:
 
 
 def fmnist_demo(out: Path, *, num: int | None = None, batch: int = 250, seed0: int = 0) -> int:
-    from .cli import make_grid, save_image_grid
+    from .cli import make_grid
     from .data.fashion_mnist import from_model_space
     from .distributed import sample_seeds
     from .metrics import compute_fid, feature_stats, get_extractor, reference_stats
@@ -72,9 +67,9 @@ def fmnist_demo(out: Path, *, num: int | None = None, batch: int = 250, seed0: i
     # Side-by-side grid: one column of images per setting.
     _panel_grid(panels, out / "samples.png")
     report = {"model": "fmnist", "num_samples": num, "seeds": f"{seeds[0]}-{seeds[-1]}", "extractor": ext.name, "rows": rows, "seconds": round(time.time() - t_all, 1), "lambdas_from": str(ES_FILE.name)}
-    _atomic_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     table = _markdown_table(rows)
-    _atomic_text(out / "report.md", f"# epsscale demo: Fashion-MNIST, {num} samples per setting\n\n{table}\n\nFID uses the project's Fashion-MNIST classifier features; lambda chosen on other seeds ({ES_FILE.name}).\n")
+    atomic_write_text(out / "report.md", f"# epsscale demo: Fashion-MNIST, {num} samples per setting\n\n{table}\n\nFID uses the project's Fashion-MNIST classifier features; lambda chosen on other seeds ({ES_FILE.name}).\n")
     print(table)
     print(f"\nwrote {out / 'samples.png'}, {out / 'report.md'}, {out / 'report.json'} in {report['seconds']}s")
     return 0
@@ -111,10 +106,8 @@ def _panel_grid(panels: list[tuple[str, np.ndarray]], path: Path) -> None:
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,8 +161,8 @@ def toy_demo(out: Path, *, num: int | None = None, steps: int = 20) -> int:
     true_rms = _toy_distance(ref, ref, mix)["mode_rms"]
     table = "\n".join(lines) + f"\n\n(data itself: RMS distance to nearest mode {true_rms:.4f}; DDPM, {steps} steps, {num} held-out seeds; lambda chosen on other seeds from {grid[0]:.2f}..{grid[-1]:.2f})"
     _scatter([(f"{k}\nFD {rows[k]['frechet']:.4f}", v) for k, v in results.items()], out / "toy.png", reference=ref[:4000])
-    _atomic_text(out / "toy_report.json", json.dumps({"steps": steps, "num": num, "lambda": best, "lambda_scores": {str(k): v for k, v in scores.items()}, "rows": rows}, indent=2) + "\n")
-    _atomic_text(out / "toy_report.md", "# epsscale demo: 2-D mixture\n\n" + table + "\n")
+    atomic_write_text(out / "toy_report.json", json.dumps({"steps": steps, "num": num, "lambda": best, "lambda_scores": {str(k): v for k, v in scores.items()}, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "toy_report.md", "# epsscale demo: 2-D mixture\n\n" + table + "\n")
     print(table)
     print(f"\nwrote {out / 'toy.png'} and {out / 'toy_report.md'}")
     return 0

@@ -29,6 +29,7 @@ from typing import Any, Protocol, Union
 
 import torch
 
+from ._atomic import atomic_write_text
 from .adapters import Denoiser, Prediction, _bc, _sigma_vector, as_prediction
 
 __all__ = [
@@ -278,10 +279,7 @@ def schedule_from_dict(d: Any, source: str = "schedule") -> Calibrated:
 
 def save_schedule(path: str | os.PathLike, schedule: Union[Uniform, Linear, PerSigma, Calibrated], meta: dict | None = None) -> None:
     """Write a schedule JSON atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(schedule_to_dict(schedule, meta), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(schedule_to_dict(schedule, meta), indent=2) + "\n")
 
 
 def load_schedule(path: str | os.PathLike) -> Calibrated:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from .._atomic import atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -188,14 +189,7 @@ def save_npz(path: PathLike, images: np.ndarray, labels: np.ndarray | None = Non
             )
         arrays["arr_1"] = labels
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
 

@@ -17,12 +17,13 @@ built in any number of chunks, merged across processes by adding three tensors, 
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
+
+from .._atomic import atomic_write
 
 __all__ = [
     "FeatureStats",
@@ -175,14 +176,7 @@ class FeatureStats:
                 raise ValueError(f"FeatureStats.save: extra key {k!r} clashes with a stats key")
             arrays[k] = np.asarray(v)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "xb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         return path
 
     @classmethod

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._atomic import atomic_write, atomic_write_text
 from ..schedules import VPSchedule
 
 __all__ = ["TrainConfig", "train", "hybrid_loss", "export_model", "DEMO_FLAGS"]
@@ -138,18 +139,6 @@ def hybrid_loss(net: nn.Module, schedule: VPSchedule, x0: torch.Tensor, t: torch
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _build(cfg: TrainConfig) -> nn.Module:
     from .adm import create_adm_model
 
@@ -162,7 +151,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
     ``max_seconds`` stops cleanly after a checkpoint once that much wall time has passed, so a
     long run can be split over several sessions; rerun the same command to continue.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_safetensors
     from tqdm import tqdm
 
     from ..data.fashion_mnist import load_fashion_mnist, to_model_space
@@ -177,7 +166,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
         if saved != json.loads(json.dumps(asdict(cfg))):
             raise ValueError(f"{run} holds a run with a different configuration; use a new --run-dir")
     else:
-        _atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2) + "\n")
+        atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2) + "\n")
 
     # Data, model, optimiser.
     images, _ = load_fashion_mnist("train", cfg.data)
@@ -201,11 +190,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
         step, log = state["step"], state["log"]
 
     def save() -> None:
-        _atomic_torch_save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "log": log}, ckpt_path)
-        tmp = run / f".ema.safetensors.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp))
-        os.replace(tmp, run / "ema.safetensors")
-        _atomic_write_text(run / "loss.json", json.dumps(log) + "\n")
+        state = {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "log": log}
+        atomic_write(ckpt_path, lambda f: torch.save(state, f))
+        atomic_write(run / "ema.safetensors", lambda f: f.write(save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()})))
+        atomic_write_text(run / "loss.json", json.dumps(log) + "\n")
 
     start = time.time()
     net.train()
@@ -252,7 +240,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
 
 def export_model(run_dir: str | os.PathLike, out_prefix: str | os.PathLike, *, extra: dict | None = None) -> tuple[Path, Path]:
     """Write the EMA weights as ``<prefix>.safetensors`` and the config as ``<prefix>.json``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from safetensors.torch import save as save_safetensors
 
     run = Path(run_dir)
     cfg = json.loads((run / "train_config.json").read_text())
@@ -273,8 +262,6 @@ def export_model(run_dir: str | os.PathLike, out_prefix: str | os.PathLike, *, e
         **(extra or {}),
     }
     st = out.with_suffix(".safetensors")
-    tmp = st.with_name(f".{st.name}.tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-    os.replace(tmp, st)
-    _atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write(st, lambda f: f.write(save_safetensors({k: v.contiguous() for k, v in weights.items()})))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return st, out.with_suffix(".json")
