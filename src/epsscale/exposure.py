@@ -63,6 +63,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import torch
 
+from ._atomic import atomic_write_text
 from .adapters import Denoiser, Prediction, _bc, _sigma_vector, as_prediction
 from .samplers import SAMPLERS, StackedGenerator, StepInfo, _check_grid, prior
 from .scaling import Calibrated, EpsScaled, Linear, PerSigma, ScheduleLike, Uniform, resolve_schedule, save_schedule
@@ -1171,9 +1172,7 @@ class _PointCache:
         if self.path is None:
             return
         body = {"format": FID_CACHE_FORMAT, "key": self.key, "points": [[bb, s] for bb, s in sorted(self.points)]}
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(body, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(body, indent=1) + "\n")
 
 
 def fid_search(
