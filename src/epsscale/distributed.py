@@ -16,7 +16,8 @@
   name first and are moved into place with ``os.replace``. A restart deletes the temporary files
   a killed run left behind. An advisory lock keeps two runs out of one work directory.
 * Rank 0 assembles the final ``.npz`` in seed order (ADM's format: ``arr_0`` uint8 NHWC,
-  ``arr_1`` labels when class-conditional).
+  ``arr_1`` labels when class-conditional). Every rank writes its shards into the one work
+  directory, so across several machines it must be on a shared file system.
 
 gloo on CPU and NCCL on GPU (CPU tensors and object collectives still go through gloo); at
 world size 1 no process group is created.
@@ -39,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ._atomic import atomic_open, atomic_write_text
 from .adapters import Denoiser, Prediction, _sigma_vector, as_prediction
 from .samplers import SAMPLERS, StackedGenerator, prior
 
@@ -169,7 +171,11 @@ class NonFiniteError(RuntimeError):
 
 
 class CheckFinite:
-    """Stop at the first NaN/inf prediction, naming the step (of ``sigmas``) and sigma."""
+    """Stop at the first NaN/inf prediction, naming the step and sigma.
+
+    Steps are counted from 1 (the first, noisiest step) to ``len(sigmas) - 1``; a model call
+    between grid points (Heun's correction, churn) is named by the nearest grid step in log sigma.
+    """
 
     def __init__(self, denoiser: Denoiser, sigmas: torch.Tensor) -> None:
         self.inner = denoiser
@@ -179,7 +185,7 @@ class CheckFinite:
                 setattr(self, attr, getattr(denoiser, attr))
 
     def step_of(self, sigma: float) -> int:
-        """The index of the grid step nearest ``sigma`` (in log sigma); -1 for sigma <= 0."""
+        """The 0-based index of the grid step nearest ``sigma`` (in log sigma); -1 for sigma <= 0."""
         if not sigma > 0 or len(self.log_grid) == 0:
             return -1
         return int((self.log_grid - math.log(sigma)).abs().argmin())
@@ -189,7 +195,7 @@ class CheckFinite:
         x0 = as_prediction(out).x0
         if not bool(torch.isfinite(x0).all()):
             s = float(_sigma_vector(sigma, x)[0])
-            raise NonFiniteError(f"the network returned NaN or inf at step {self.step_of(s)} of {len(self.log_grid)} (sigma = {s:.6g})")
+            raise NonFiniteError(f"the network returned NaN or inf at step {self.step_of(s) + 1} of {len(self.log_grid)} (sigma = {s:.6g})")
         return out
 
 
@@ -242,9 +248,8 @@ def _stable(o: Any) -> Any:
 
 
 _SHARD = re.compile(r"seeds-(\d+)-(\d+)\.npz")
-# What follows ".{name}." in the temporary names our writers use: "<pid>.tmp" (shards),
-# "<pid>.<hex>.tmp" (save_npz, FeatureStats.save), "tmp<pid>[.png]" (PNG grids, JSON), "tmp".
-_TEMP_REST = re.compile(r"\d+(?:\.[0-9a-f]+)?\.tmp|tmp\d*(?:\.png)?")
+# What follows ".{name}." in the temporary names of epsscale._atomic: "<pid>.<hex>.tmp".
+_TEMP_REST = re.compile(r"\d+(?:\.[0-9a-f]+)?\.tmp")
 
 
 def shard_name(batch: Sequence[int]) -> str:
@@ -257,29 +262,8 @@ def shard_name(batch: Sequence[int]) -> str:
 
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write an ``.npz`` under a temporary name, fsync it, and move it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -298,8 +282,8 @@ def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that killed writers of ``path`` left next to it.
 
-    Our writers (``save_npz``, ``FeatureStats.save``, shards, PNG grids) all write
-    ``.{name}.<pid>[...].tmp``-like names in the same folder and then ``os.replace`` them.
+    Our writers (``epsscale._atomic``: the final ``.npz``, PNG grids, shards, statistics) write
+    ``.{name}.<pid>.<hex>.tmp`` in the same folder and then ``os.replace`` it over ``path``.
     Call this only while no other process writes ``path``.
     """
     p = Path(path)
@@ -385,7 +369,7 @@ def _prepare(wd: Path, manifest: dict, seeds: Sequence[int], outputs: Sequence[P
                 old = None
             if isinstance(old, dict) and {k: old.get(k) for k in keys} != {k: manifest[k] for k in keys}:
                 raise ValueError(f"{wd} holds an unfinished run with different settings; rerun that command, or delete {wd}")
-        _atomic_text(mpath, json.dumps(manifest, indent=2, default=str) + "\n")
+        atomic_write_text(mpath, json.dumps(manifest, indent=2, default=str) + "\n")
 
         # Finished shards.
         wanted = set(seeds)
