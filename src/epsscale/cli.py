@@ -198,7 +198,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .data.fashion_mnist import from_model_space
     from .models.pretrained import load_model
 
-    model = load_model(args.model)
+    device = _device()
+    model = load_model(args.model, device=device)
     sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind)
     den = eps_scaling(model.denoiser, lam, sigmas=sigmas)
     crop = model.config.get("crop")
@@ -209,7 +210,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         den, args.seeds, model.shape, sampler=args.sampler, sigmas=sigmas,
         to_uint8=lambda x: from_model_space(x, size=size), batch_size=args.batch,
         prior_kind="vp", sampler_opts=sampler_options(args), num_classes=model.num_classes,
-        work_dir=work, job_meta={"model": args.model, "lam": repr(lam)}, outputs=(out, grid_png), progress=not args.quiet,
+        work_dir=work, job_meta={"model": _fingerprint(model.path), "lam": repr(lam)}, outputs=(out, grid_png), progress=not args.quiet, device=device,
     )
     if res is None:
         return 0
@@ -223,6 +224,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"wrote {len(images)} samples to {out} in {time.time() - t0:.1f}s")
     return 0
+
+
+def _fingerprint(path: Any) -> str:
+    """Identify weights by path, size and modification time, so a resume never mixes models."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return str(p)
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _device() -> Any:
+    """CUDA (this process's LOCAL_RANK under torchrun) when available, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def _parse_labels(spec: str | None, n: int) -> list[int] | None:
@@ -262,7 +282,9 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
         if preset["framework"] != "adm":
             raise UserError(f"preset {args.preset} is an EDM preset; use it with --edm PKL")
         flags = {**{k: str(v) for k, v in {**preset["model_flags"], **preset["diffusion_flags"]}.items()}, "class_cond": str(preset["conditional"]), **flags}
+    device = _device()
     net, den, st = load_checkpoint(args.guided_diffusion, flags)
+    net.to(device)
     if args.eps_scale is not None or args.eps_schedule:
         lam = _lam_from_args(args)
     elif preset is not None and "eps_scaler" not in flags:
@@ -298,7 +320,8 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
         eps_scaling(den, lam, sigmas=sigmas), seeds, (in_ch, image_size, image_size), sampler=st.sampler,
         sigmas=sigmas, to_uint8=to_uint8, batch_size=args.batch or st.batch_size, prior_kind="vp",
         sampler_opts=opts, num_classes=1000 if st.class_cond else None, labels=labels, work_dir=work,
-        job_meta={"model": str(args.guided_diffusion), "lam": repr(lam), "flags": args.flags}, progress=not args.quiet,
+        job_meta={"model": _fingerprint(args.guided_diffusion), "lam": repr(lam), "flags": args.flags, "preset": args.preset},
+        outputs=(out, grid_png), progress=not args.quiet, device=device,
     )
     if res is None:
         return 0
@@ -355,7 +378,7 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
     res = dist.sample_seeds(
         eps_scaling(EDMDenoiser(net), lam, sigmas=sigmas), seeds, shape, sampler=sampler, sigmas=sigmas, to_uint8=to_u8,
         batch_size=args.batch or 64, prior_kind="ve", sampler_opts=opts, num_classes=int(net.label_dim) or None, labels=labels,
-        work_dir=work, job_meta={"model": str(args.edm), "lam": repr(lam)}, progress=not args.quiet,
+        work_dir=work, job_meta={"model": _fingerprint(args.edm), "lam": repr(lam)}, outputs=(out, grid_png), progress=not args.quiet,
     )
     if res is None:
         return 0

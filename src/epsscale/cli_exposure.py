@@ -40,6 +40,24 @@ def _default_lam(args: argparse.Namespace, sampler: str) -> Any:
     raise ValueError("give the ES setting to compare with: --eps-scale B or --eps-schedule FILE")
 
 
+def _rank0_only(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Under torchrun, measure/calibrate run on rank 0 while the other ranks wait."""
+    from functools import wraps
+
+    @wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from . import distributed as dist
+
+        dist.init()
+        try:
+            return fn(args) if dist.rank() == 0 else 0
+        finally:
+            dist.barrier()
+
+    return run
+
+
+@_rank0_only
 def cmd_measure(args: argparse.Namespace) -> int:
     from .cli import _threads, _writable, make_grid, sampler_options
     from .exposure import exposure_json, measure_exposure, plot_delta, plot_eps_norms
@@ -91,6 +109,7 @@ def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, s
     return evaluate
 
 
+@_rank0_only
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .cli import _threads, _writable, make_grid, sampler_options
     from .exposure import calibrate_norm_matching, fid_search, plot_fid_vs_b, write_calibrated_schedule

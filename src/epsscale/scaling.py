@@ -254,13 +254,19 @@ def schedule_from_dict(d: Any, source: str = "schedule") -> Calibrated:
         v = d.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{source}: '{key}' must be a number, got {v!r}")
-        return float(v)
+        return _to_float(v, key)
+
+    def _to_float(v: float | int, key: str) -> float:
+        try:
+            return float(v)
+        except OverflowError:
+            raise ValueError(f"{source}: '{key}' is out of range") from None
 
     def nums(key: str) -> tuple[float, ...]:
         v = d.get(key)
         if not isinstance(v, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in v):
             raise ValueError(f"{source}: '{key}' must be a list of numbers")
-        return tuple(float(a) for a in v)
+        return tuple(_to_float(a, key) for a in v)
 
     try:
         if kind == "uniform":

@@ -30,6 +30,7 @@ MODEL_FORMAT = "epsscale.model/1"
 @dataclass
 class LoadedModel:
     name: str
+    path: Path  # the weights file
     net: nn.Module
     denoiser: VPDenoiser
     schedule: VPSchedule
@@ -74,6 +75,13 @@ def load_config(prefix: Path) -> dict:
             raise ValueError(f"{path}: field {key!r} must be a {typ.__name__}")
     if cfg.get("arch") != "adm":
         raise ValueError(f"{path}: unsupported arch {cfg.get('arch')!r} (expected 'adm')")
+    crop = cfg.get("crop")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1):
+        raise ValueError(f"{path}: field 'crop' must be a positive integer, got {crop!r}")
+    if crop is not None and crop > int(cfg["flags"].get("image_size", 0) or 0):
+        raise ValueError(f"{path}: field 'crop' ({crop}) is larger than flags.image_size")
+    if "learn_sigma" in cfg and "learn_sigma" in cfg["flags"] and bool(cfg["learn_sigma"]) != (str(cfg["flags"]["learn_sigma"]).lower() in ("true", "1")):
+        raise ValueError(f"{path}: 'learn_sigma' ({cfg['learn_sigma']}) disagrees with flags.learn_sigma ({cfg['flags']['learn_sigma']})")
     return cfg
 
 
@@ -98,7 +106,7 @@ def load_model(name_or_path: str | os.PathLike = "fmnist", *, device: str | torc
     net = net.eval().requires_grad_(False).to(device).to(memory_format=torch.channels_last)
     schedule = VPSchedule(cfg["schedule"], cfg["num_timesteps"])
     den = VPDenoiser(net, schedule, prediction=cfg["prediction"], learn_sigma=bool(cfg.get("learn_sigma")))
-    return LoadedModel(str(name_or_path), net, den, schedule, cfg)
+    return LoadedModel(str(name_or_path), weights, net, den, schedule, cfg)
 
 
 def describe(model: LoadedModel) -> dict[str, Any]:
