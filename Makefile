@@ -12,12 +12,11 @@ STAMP  := $(VENV)/.epsscale-installed
 
 setup: $(STAMP) data
 
-# Torch: take the local CPU wheel when this machine has one (no multi-GB CUDA download),
-# otherwise the normal install for the user's platform.
+# Torch first, pinned: on this project's machines pip finds a local CPU wheel of 2.13.0 (no
+# multi-GB CUDA download); elsewhere that pin, or failing it any torch >= 2.1, is the normal install.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip >/dev/null 2>&1 || true
-	$(PIP) install -q --no-index torch==2.13.0 2>/dev/null || $(PIP) install -q "torch>=2.1"
+	$(PIP) install -q torch==2.13.0 2>/dev/null || $(PIP) install -q "torch>=2.1"
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
