@@ -222,7 +222,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - decay)
         step += 1
-        acc["loss"].append(float(loss))
+        acc["loss"].append(loss.item())
         acc["mse"].append(parts["mse"])
         acc["vb"].append(parts["vb"])
         bar.update(1)
