@@ -1,0 +1,99 @@
+"""Calibration: norm matching vs an FID grid over uniform b, on the shipped model (DESIGN.md §5).
+
+Both methods choose lambda on *tuning* seeds (1,000,000..); each chosen schedule is then scored
+on *held-out* seeds (0..) against the Fashion-MNIST *test* split, with the project's classifier
+features. Network evaluations are counted in images (one image through the net = 1).
+
+Target: the norm-matched schedule within 2% of the grid's FID at <= 10% of its evaluations.
+
+    python benchmarks/calibration.py --sampler ddpm --steps 20 --lo 1.0 --hi 1.03 --points 7 \
+        --grid-num 1000 --norm-num 256 --eval-num 2000 --out benchmarks/calibration_ddpm.json
+
+The chosen uniform b per sampler is what ``assets/fmnist_adm_es.json`` ships for the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sampler", default="ddpm")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--lo", type=float, default=1.0)
+    ap.add_argument("--hi", type=float, default=1.03)
+    ap.add_argument("--points", type=int, default=7, help="grid points from lo to hi")
+    ap.add_argument("--grid-num", type=int, default=1000)
+    ap.add_argument("--norm-num", type=int, default=256)
+    ap.add_argument("--norm-kinds", default="uniform,linear,per_sigma", help="empty: grid only")
+    ap.add_argument("--eval-num", type=int, default=2000, help="0: no held-out evaluation")
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from epsscale.cli_exposure import TUNING_SEED0, _data, fid_evaluator
+    from epsscale.demo import DEMO_SETTINGS
+    from epsscale.cli import make_grid
+    from epsscale.exposure import calibrate_norm_matching, fid_search
+    from epsscale.models.pretrained import load_model
+    from epsscale.samplers import nfe
+    from epsscale.scaling import Uniform
+
+    disc = {s: d for _, s, d, _ in DEMO_SETTINGS}.get(args.sampler, "respaced")
+    model = load_model("fmnist")
+    sigmas = make_grid(model, args.sampler, args.steps, disc)
+    opts = {"clip": 1.0} if args.sampler in ("ddpm", "ddim") else {}
+    per_image = nfe(args.sampler, args.steps)
+    report: dict = {"sampler": args.sampler, "steps": args.steps, "disc": disc, "grid_num": args.grid_num, "norm_num": args.norm_num, "eval_num": args.eval_num}
+
+    # FID grid on tuning seeds.
+    t0 = time.time()
+    tune = fid_evaluator(model, args.sampler, sigmas, opts, args.grid_num, TUNING_SEED0, args.batch)
+    res = fid_search(tune, args.lo, args.hi, method="grid", points=args.points)
+    report["grid"] = {"points": res.points, "best_b": res.best_b, "nfe": len(res.points) * args.grid_num * per_image, "seconds": round(time.time() - t0, 1)}
+    print(f"grid: {res.points} -> b = {res.best_b}", flush=True)
+
+    # Norm matching on tuning seeds.
+    x0 = _data(model, args.norm_num, 0)
+    schedules = {"grid best uniform": (Uniform(res.best_b), report["grid"]["nfe"]), "lambda = 1": (Uniform(1.0), 0)}
+    report["norm"] = {}
+    for kind in [k for k in args.norm_kinds.split(",") if k]:
+        t0 = time.time()
+        sched, info = calibrate_norm_matching(model.denoiser, x0, sigmas, args.sampler, kind, seeds=range(TUNING_SEED0, TUNING_SEED0 + args.norm_num), sampler_opts=opts, batch_size=args.batch)
+        schedules[f"norm matching, {kind}"] = (sched, info.nfe)
+        report["norm"][kind] = {"schedule": repr(sched), "nfe": info.nfe, "passes": info.passes, "lam": info.lam.tolist(), "seconds": round(time.time() - t0, 1)}
+        print(f"norm {kind}: {sched} ({info.nfe} evaluations)", flush=True)
+
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    if not args.eval_num:
+        return
+
+    # Score everything on held-out seeds against the test split.
+    evaluate = fid_evaluator(model, args.sampler, sigmas, opts, args.eval_num, 0, args.batch, ref="fashion-mnist-test")
+    rows = []
+    for name, (sched, cost) in schedules.items():
+        fid = evaluate(sched)
+        rows.append({"method": name, "schedule": repr(sched), "fid": fid, "nfe": cost})
+        print(f"{name}: FID {fid:.4f}", flush=True)
+    report["rows"] = rows
+    grid_row = rows[0]
+    print(f"\n{args.sampler}, {args.steps} steps; lambda tuned on {args.grid_num} (grid) / {args.norm_num} (norm) tuning seeds; FID on {args.eval_num} held-out seeds vs the test split\n")
+    print("| method | schedule | FID (held out) | vs grid | network evaluations | vs grid |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['schedule']} | {r['fid']:.4f} | {100 * (r['fid'] / grid_row['fid'] - 1):+.1f}% | {r['nfe']:,} | {r['nfe'] / grid_row['nfe']:.1%} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
