@@ -59,6 +59,13 @@ def test_resume_gives_the_same_weights_and_exports(tmp_path):
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     for k in a["ema"]:
         assert torch.equal(a["ema"][k], b["ema"][k]), k
+    # A run can also be extended: 2 steps, then --steps 4, is the 4-step run.
+    train(TrainConfig(**{**cfg, "steps": 2}), tmp_path / "c", progress=False)
+    train(TrainConfig(**cfg), tmp_path / "c", progress=False)
+    c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
+    with pytest.raises(ValueError, match="past --steps"):
+        train(TrainConfig(**{**cfg, "steps": 2}), tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="different configuration"):
         train(TrainConfig(**{**cfg, "lr": 1e-3}), tmp_path / "b", progress=False)
     (tmp_path / "m").mkdir()

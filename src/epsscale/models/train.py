@@ -162,8 +162,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
     ckpt_path = run / "checkpoint.pt"
     cfg_path = run / "train_config.json"
     if cfg_path.exists():
+        # The step count may change between invocations (the schedule does not depend on it),
+        # so a run can be extended, or exported at an earlier checkpoint.
         saved = json.loads(cfg_path.read_text())
-        if saved != json.loads(json.dumps(asdict(cfg))):
+        mine = json.loads(json.dumps(asdict(cfg)))
+        if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in mine.items() if k != "steps"}:
             raise ValueError(f"{run} holds a run with a different configuration; use a new --run-dir")
     else:
         atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2) + "\n")
@@ -182,6 +185,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
     step, log = 0, []
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["step"] > cfg.steps:
+            raise ValueError(f"{run} is already at step {state['step']}, past --steps {cfg.steps}")
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
