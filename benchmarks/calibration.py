@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cache", default=None, help="FID grid points cache (a rerun replays it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -47,17 +48,17 @@ def main() -> None:
     from epsscale.samplers import nfe
     from epsscale.scaling import Uniform
 
-    disc = {s: d for _, s, d, _ in DEMO_SETTINGS}.get(args.sampler, "respaced")
+    disc, sigma_max = {s: (d, m) for _, s, d, _, m in DEMO_SETTINGS}.get(args.sampler, ("respaced", None))
     model = load_model("fmnist")
-    sigmas = make_grid(model, args.sampler, args.steps, disc)
+    sigmas = make_grid(model, args.sampler, args.steps, disc, sigma_max)
     opts = {"clip": 1.0} if args.sampler in ("ddpm", "ddim") else {}
     per_image = nfe(args.sampler, args.steps)
-    report: dict = {"sampler": args.sampler, "steps": args.steps, "disc": disc, "grid_num": args.grid_num, "norm_num": args.norm_num, "eval_num": args.eval_num}
+    report: dict = {"sampler": args.sampler, "steps": args.steps, "disc": disc, "sigma_max": sigma_max, "grid_num": args.grid_num, "norm_num": args.norm_num, "eval_num": args.eval_num}
 
     # FID grid on tuning seeds.
     t0 = time.time()
     tune = fid_evaluator(model, args.sampler, sigmas, opts, args.grid_num, TUNING_SEED0, args.batch)
-    res = fid_search(tune, args.lo, args.hi, method="grid", points=args.points)
+    res = fid_search(tune, args.lo, args.hi, method="grid", points=args.points, cache_path=args.cache, key={"sampler": args.sampler, "steps": args.steps, "num": args.grid_num} if args.cache else None)
     report["grid"] = {"points": res.points, "best_b": res.best_b, "nfe": len(res.points) * args.grid_num * per_image, "seconds": round(time.time() - t0, 1)}
     print(f"grid: {res.points} -> b = {res.best_b}", flush=True)
 

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-DISC = {"ddpm": "respaced", "ddim": "respaced", "euler": "karras", "heun": "karras", "dpmpp_2m": "karras"}
+# The demo's discretisations (see epsscale.demo.DEMO_SETTINGS): sampler -> (disc, karras sigma_max).
+DISC = {"ddpm": ("respaced", None), "ddim": ("ddim", None), "euler": ("karras", 13.0), "heun": ("karras", 13.0), "dpmpp_2m": ("karras", 13.0)}
 
 
 def point_key(sampler: str, steps: int, lam: float, num: int, seed0: int, ref: str) -> str:
-    return f"{sampler}|{DISC[sampler]}|{steps}|{lam:.6g}|{num}|{seed0}|{ref}"
+    return f"{sampler}|{DISC[sampler][0]}|{steps}|{lam:.6g}|{num}|{seed0}|{ref}"
 
 
 def load_cache(path: Path) -> dict:
@@ -49,7 +50,7 @@ def evaluate(model, ext, ref_stats, sampler: str, steps: int, lam: float, num: i
     from epsscale.samplers import nfe
     from epsscale.scaling import eps_scaling
 
-    sigmas = make_grid(model, sampler, steps, DISC[sampler])
+    sigmas = make_grid(model, sampler, steps, *DISC[sampler])
     opts = {"clip": 1.0} if sampler in ("ddpm", "ddim") else {}
     work = work_root / f"{sampler}-{steps}-{lam:.6g}-{num}-{seed0}"
     t0 = time.time()

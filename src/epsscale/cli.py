@@ -118,8 +118,11 @@ def _lam_from_args(args: argparse.Namespace) -> Any:
     return args.eps_scale if args.eps_scale is not None else 1.0
 
 
-def make_grid(model: Any, sampler: str, steps: int, kind: str = "respaced") -> Any:
-    """The sigma grid a sampler runs on for a discrete VP model (see README: grids)."""
+def make_grid(model: Any, sampler: str, steps: int, kind: str = "respaced", sigma_max: float | None = None) -> Any:
+    """The sigma grid a sampler runs on for a discrete VP model (see README: grids).
+
+    ``karras`` spans [max(0.002, sigma_min of the model), min(sigma_max or 80, its sigma_max)].
+    """
     from .schedules import sigmas_karras
 
     if kind == "respaced":
@@ -127,7 +130,8 @@ def make_grid(model: Any, sampler: str, steps: int, kind: str = "respaced") -> A
     if kind == "ddim":
         return model.schedule.grid(f"ddim{steps}")
     if kind == "karras":
-        return sigmas_karras(steps, sigma_min=max(0.002, model.schedule.sigma_min), sigma_max=min(80.0, model.schedule.sigma_max))
+        top = min(80.0 if sigma_max is None else sigma_max, model.schedule.sigma_max)
+        return sigmas_karras(steps, sigma_min=max(0.002, model.schedule.sigma_min), sigma_max=top)
     raise UserError(f"unknown grid {kind!r}: expected respaced, ddim or karras")
 
 
@@ -151,6 +155,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = 20
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eps-scale", type=lam_float, default=None, metavar="B", help="uniform Epsilon Scaling lambda (1 = off)")
     g.add_argument("--eps-schedule", default=None, metavar="FILE", help="schedule JSON (from epsscale calibrate)")
+    p.add_argument("--sigma-max", type=nonneg_float, default=None, help="top of the karras grid (default 80, capped at the model's)")
     p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM stochasticity")
     p.add_argument("--clip", type=nonneg_float, default=1.0, help="clip x0 to [-c, c] for ddpm/ddim (ADM: 1)")
     p.add_argument("--no-clip", dest="clip", action="store_const", const=None)
@@ -200,7 +205,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     device = _device()
     model = load_model(args.model, device=device)
-    sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind)
+    sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind, args.sigma_max)
     den = eps_scaling(model.denoiser, lam, sigmas=sigmas)
     crop = model.config.get("crop")
     size = crop or model.shape[-1]

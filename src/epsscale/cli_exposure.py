@@ -68,7 +68,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     _writable(out / "exposure.json") if out.exists() else _writable(out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)
-    sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind)
+    sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind, args.sigma_max)
     lam = _default_lam(args, args.sampler)
     x0 = _data(model, args.num, args.data_seed)
     t0 = time.time()
@@ -122,7 +122,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if out.suffix != ".json":
         raise ValueError(f"--out must end in .json, got {out}")
     model = load_model(args.model)
-    sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind)
+    sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind, args.sigma_max)
     opts = sampler_options(args)
     meta: dict[str, Any] = {"model": args.model, "sampler": args.sampler, "steps": args.steps, "grid": args.grid_kind, "method": args.method, "sampler_options": {k: v for k, v in opts.items() if k != "classifier_grad"}}
     t0 = time.time()
