@@ -217,17 +217,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prior_kind="vp", sampler_opts=sampler_options(args), num_classes=model.num_classes,
         work_dir=work, job_meta={"model": _fingerprint(model.path), "lam": repr(lam)}, outputs=(out, grid_png), progress=not args.quiet, device=device,
     )
-    if res is None:
-        return 0
-    images, labels = res
+    return _write_samples(res, out, grid_png, work, None if args.quiet else f"in {time.time() - t0:.1f}s")
+
+
+def _write_samples(res: Any, out: Path, grid_png: Path | None, work: Path, message: str | None) -> int:
+    """Rank 0: write the .npz (and PNG grid) atomically, then drop the work directory."""
+    from . import distributed as dist
     from .data.images import save_npz
 
+    if res is None:  # not rank 0
+        return 0
+    images, labels = res
     save_npz(out, images, labels)
     if grid_png:
         save_image_grid(images[:64], grid_png)
     dist.finish(work)
-    if not args.quiet:
-        print(f"wrote {len(images)} samples to {out} in {time.time() - t0:.1f}s")
+    if message is not None:
+        print(f"wrote {len(images)} samples to {out} {message}")
     return 0
 
 
@@ -328,18 +334,7 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
         job_meta={"model": _fingerprint(args.guided_diffusion), "lam": repr(lam), "flags": args.flags, "preset": args.preset},
         outputs=(out, grid_png), progress=not args.quiet, device=device,
     )
-    if res is None:
-        return 0
-    images, lab = res
-    from .data.images import save_npz
-
-    save_npz(out, images, lab)
-    if grid_png:
-        save_image_grid(images[:64], grid_png)
-    dist.finish(work)
-    if not args.quiet:
-        print(f"wrote {len(images)} samples to {out} ({st.sampler}, respacing {st.respacing}, lambda {lam})")
-    return 0
+    return _write_samples(res, out, grid_png, work, None if args.quiet else f"({st.sampler}, respacing {st.respacing}, lambda {lam})")
 
 
 def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> int:
@@ -385,17 +380,7 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
         batch_size=args.batch or 64, prior_kind="ve", sampler_opts=opts, num_classes=int(net.label_dim) or None, labels=labels,
         work_dir=work, job_meta={"model": _fingerprint(args.edm), "lam": repr(lam)}, outputs=(out, grid_png), progress=not args.quiet,
     )
-    if res is None:
-        return 0
-    from .data.images import save_npz
-
-    save_npz(out, *res)
-    if grid_png:
-        save_image_grid(res[0][:64], grid_png)
-    dist.finish(work)
-    if not args.quiet:
-        print(f"wrote {len(res[0])} samples to {out} ({sampler}, {steps} steps, lambda {lam})")
-    return 0
+    return _write_samples(res, out, grid_png, work, None if args.quiet else f"({sampler}, {steps} steps, lambda {lam})")
 
 
 def _sample_toy(args: argparse.Namespace, lam: Any, out: Path, grid_png: Path | None) -> int:
