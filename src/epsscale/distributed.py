@@ -25,6 +25,7 @@ world size 1 no process group is created.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import json
@@ -102,6 +103,15 @@ def init() -> None:
     else:
         backend = "gloo"
     torch.distributed.init_process_group(backend=backend)
+    # Tear the group down before interpreter exit: gloo's threads aborting in static
+    # destructors ("terminate called without an active exception") otherwise kill a rank.
+    atexit.register(shutdown)
+
+
+def shutdown() -> None:
+    """Destroy the process group (registered at exit by :func:`init`; safe to call twice)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:
