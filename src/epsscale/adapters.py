@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .schedules import VPSchedule
+from .schedules import VPSchedule, sigma_to_alpha_bar
 
 __all__ = [
     "Denoiser",
@@ -119,7 +119,7 @@ class VPDenoiser:
         t = self.schedule.timestep(sigma).to(x.device)
         # The conversions use sigma itself; only the timestep fed to the net is snapped, so
         # off-table grids (e.g. Karras) stay consistent (k-diffusion's quantised discrete models).
-        abar = 1 / (1 + sigma**2)
+        abar = sigma_to_alpha_bar(sigma)
         sigma_t = _bc(sigma, x)
         sqrt_abar = _bc(abar.sqrt(), x)
 

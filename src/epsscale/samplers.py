@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Literal, Protocol, Sequence
 import torch
 
 from .adapters import Denoiser, Prediction, _bc, as_prediction
+from .schedules import sigma_to_alpha_bar
 
 __all__ = [
     "StackedGenerator",
@@ -182,13 +183,9 @@ class DDPMStep:
     pred_x0: torch.Tensor
 
 
-def _abar(sigma: torch.Tensor) -> torch.Tensor:
-    return 1 / (1 + sigma.to(torch.float64) ** 2)
-
-
 def _posterior_variance(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), with beta_t = 1 - abar_t / abar_{t-1}."""
-    a_t, a_p = _abar(sigma), _abar(sigma_next)
+    a_t, a_p = sigma_to_alpha_bar(sigma), sigma_to_alpha_bar(sigma_next)
     return (1 - a_t / a_p) * (1 - a_p) / (1 - a_t)
 
 
@@ -208,7 +205,7 @@ def ddpm_posterior(
     step before ("posterior_log_variance_clipped").
     """
     s, s_next = sigmas[i], sigmas[i + 1]
-    a_t, a_p = _abar(s), _abar(s_next)
+    a_t, a_p = sigma_to_alpha_bar(s), sigma_to_alpha_bar(s_next)
     beta = 1 - a_t / a_p
     post_var = _posterior_variance(s, s_next)
     if s_next > 0:
@@ -282,7 +279,7 @@ def ddpm(
     """
     sigmas = _check_grid(sigmas).to(x.device)
     noise = noise or _GlobalNoise()
-    x_vp = (x.to(torch.float64) * _abar(sigmas[0]).sqrt()).to(dtype)
+    x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
 
@@ -328,10 +325,10 @@ def ddim(
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     sigmas = _check_grid(sigmas).to(x.device)
     noise = noise or _GlobalNoise()
-    x_vp = (x.to(torch.float64) * _abar(sigmas[0]).sqrt()).to(dtype)
+    x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
-        a_t, a_p = _abar(s), _abar(s_next)
+        a_t, a_p = sigma_to_alpha_bar(s), sigma_to_alpha_bar(s_next)
 
         # Model call; eps re-derived from the final x0: eps = (x_t / sqrt(abar) - x0) / sigma.
         x_ve, pred = _vp_call(denoiser, x_vp, s, cond)
