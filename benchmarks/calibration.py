@@ -37,6 +37,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--cache", default=None, help="FID grid points cache (a rerun replays it)")
+    ap.add_argument("--parabola-num", type=int, default=100, help="samples per point of the parabola search (0: skip)")
+    ap.add_argument("--parabola-step", type=float, default=0.01)
+    ap.add_argument("--parabola-cache", default=None, help="default OUT.parabola.json")
+    ap.add_argument("--eval-cache", default="benchmarks/calibration_heldout.json", help="held-out FID per schedule")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -73,6 +77,18 @@ def main() -> None:
         report["norm"][kind] = {"schedule": repr(sched), "nfe": info.nfe, "passes": info.passes, "lam": info.lam.tolist(), "seconds": round(time.time() - t0, 1)}
         print(f"norm {kind}: {sched} ({info.nfe} evaluations)", flush=True)
 
+    # The cheap FID search: a parabola through 3-4 small coupled FID points (same tuning seeds).
+    if args.parabola_num:
+        t0 = time.time()
+        pcache = args.parabola_cache or (str(Path(args.out).with_suffix(".parabola.json")) if args.out else None)
+        tune_small = fid_evaluator(model, args.sampler, sigmas, opts, args.parabola_num, TUNING_SEED0, args.batch)
+        pres = fid_search(tune_small, 0.9, 1.1, method="parabola", start=1.0, step=args.parabola_step, cache_path=pcache, key={"sampler": args.sampler, "steps": args.steps, "num": args.parabola_num})
+        cost = len(pres.points) * args.parabola_num * per_image
+        b = round(pres.best_b, 4)
+        schedules[f"FID parabola, {args.parabola_num} samples x {len(pres.points)} points"] = (Uniform(b), cost)
+        report["parabola"] = {"points": pres.points, "vertex": pres.best_b, "bracketed": pres.bracketed, "nfe": cost, "seconds": round(time.time() - t0, 1)}
+        print(f"parabola: {pres.points} -> b = {b} ({cost} evaluations)", flush=True)
+
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
     if not args.eval_num:
@@ -80,14 +96,24 @@ def main() -> None:
 
     # Score everything on held-out seeds against the test split.
     evaluate = fid_evaluator(model, args.sampler, sigmas, opts, args.eval_num, 0, args.batch, ref="fashion-mnist-test")
+    # Held-out scores are cached by schedule (a rerun, or two methods choosing the same b, costs nothing).
+    ecache_path = Path(args.eval_cache) if args.eval_cache else None
+    ecache = json.loads(ecache_path.read_text()) if ecache_path and ecache_path.exists() else {}
     rows = []
     for name, (sched, cost) in schedules.items():
-        fid = evaluate(sched)
+        key = f"{args.sampler}|{args.steps}|{args.eval_num}|{sched!r}"
+        if key not in ecache:
+            ecache[key] = evaluate(sched)
+            if ecache_path:
+                tmp = ecache_path.with_name(ecache_path.name + ".tmp")
+                tmp.write_text(json.dumps(ecache, indent=1, sort_keys=True) + "\n")
+                tmp.replace(ecache_path)
+        fid = ecache[key]
         rows.append({"method": name, "schedule": repr(sched), "fid": fid, "nfe": cost})
         print(f"{name}: FID {fid:.4f}", flush=True)
     report["rows"] = rows
     grid_row = rows[0]
-    print(f"\n{args.sampler}, {args.steps} steps; lambda tuned on {args.grid_num} (grid) / {args.norm_num} (norm) tuning seeds; FID on {args.eval_num} held-out seeds vs the test split\n")
+    print(f"\n{args.sampler}, {args.steps} steps; lambda tuned on {args.grid_num} (grid) / {args.norm_num} (norm) / {args.parabola_num} (parabola) tuning seeds; FID on {args.eval_num} held-out seeds vs the test split\n")
     print("| method | schedule | FID (held out) | vs grid | network evaluations | vs grid |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -1,17 +1,18 @@
-"""Quality: FID against steps and lambda for the shipped Fashion-MNIST model, resumable.
+"""Quality: FID against steps for the shipped Fashion-MNIST model, baseline vs the best uniform b.
 
-Every evaluated point (sampler, discretisation, steps, lambda, seeds) is cached in a JSON file,
-so an interrupted run (or a run split across sessions) continues where it stopped; within a
-point, finished batches are kept by the sampling runner's work directory.
+Protocol, per (sampler, steps):
 
-FID uses the project's Fashion-MNIST classifier features against the *test* split (the train
-split is what the model learned; the test split is a yardstick nothing here was tuned on).
+1. *Tune*: a small FID grid over uniform b (``--lams``) with ``--tune-num`` samples on tuning seeds
+   1,000,000.. against the Fashion-MNIST *train* split (the protocol of
+   ``benchmarks/calibration.py``; each grid is cached in ``--tune-dir`` and resumes).
+2. *Evaluate*: λ = 1 and the tuned b on ``--num`` held-out seeds (0..) against the *test* split,
+   a yardstick the tuning never saw. Each point is cached in ``--cache``; within a point the
+   sampling runner's work directory keeps finished batches, so a kill loses at most one batch.
 
-    # tune lambda on seeds 100000.. at 20 steps, then evaluate on seeds 0.. (held out)
-    python benchmarks/quality.py --samplers ddpm,ddim,euler,heun --steps 10,20,50,100 \
-        --lams 1.0,1.005,1.01,1.015,1.02 --num 5000 --seed0 0 --cache benchmarks/quality_cache.json
+    python benchmarks/quality.py --samplers ddpm,ddim,euler,heun --steps 10,20,50,100 --num 5000
+    python benchmarks/quality.py --report          # tables + benchmarks/quality.png
 
-    python benchmarks/quality.py --report --cache benchmarks/quality_cache.json   # tables + plot
+FID uses the project's Fashion-MNIST classifier features.
 """
 
 from __future__ import annotations
@@ -62,41 +63,87 @@ def evaluate(model, ext, ref_stats, sampler: str, steps: int, lam: float, num: i
     return {"fid": fid, "nfe_per_sample": nfe(sampler, steps), "seconds": round(time.time() - t0, 1)}
 
 
-def report(cache: dict, out_png: Path | None) -> None:
-    rows: dict[tuple, dict] = {}
-    for k, v in cache.items():
-        sampler, disc, steps, lam, num, seed0, ref = k.split("|")
-        rows.setdefault((sampler, int(steps), int(num), int(seed0), ref), {})[float(lam)] = v["fid"]
-    print("| sampler | steps | samples | seeds from | FID lambda=1 | best lambda | FID at best | change |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (sampler, steps, num, seed0, ref), d in sorted(rows.items()):
-        base = d.get(1.0)
-        best = min(d, key=d.get)
-        change = f"{100 * (d[best] / base - 1):+.1f}%" if base else "n/a"
-        print(f"| {sampler} | {steps} | {num} | {seed0} | {base:.3f} | {best:g} | {d[best]:.3f} | {change} |" if base else f"| {sampler} | {steps} | {num} | {seed0} | n/a | {best:g} | {d[best]:.3f} | n/a |")
+def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num: int, batch: int, tune_dir: Path, max_extend: int = 4):
+    """FID grid over uniform b on tuning seeds (train split), cached per (sampler, steps, num).
+
+    When the best b is an end of the grid the grid grows past that end, one spacing at a time
+    (at most ``max_extend`` points), until the minimum is inside it.
+    """
+    from epsscale.cli import make_grid
+    from epsscale.cli_exposure import TUNING_SEED0, fid_evaluator
+    from epsscale.exposure import fid_search
+
+    sigmas = make_grid(model, sampler, steps, *DISC[sampler])
+    opts = {"clip": 1.0} if sampler in ("ddpm", "ddim") else {}
+    evaluate = fid_evaluator(model, sampler, sigmas, opts, num, TUNING_SEED0, batch)
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    cache = tune_dir / f"{sampler}_{steps}_{num}.json"
+    key = {"sampler": sampler, "steps": steps, "num": num}
+    res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
+    # A minimum on the edge of the grid is not a minimum: extend by one spacing at a time.
+    step = (hi - lo) / (points - 1)
+    while res.best_b in (lo, hi) and len(res.points) < points + max_extend:
+        lo, hi = (lo - step, hi) if res.best_b == lo else (lo, hi + step)
+        points += 1
+        res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
+    return res
+
+
+def tuned(tune_dir: Path) -> dict[tuple[str, int], tuple[float, list]]:
+    """(sampler, steps) -> (best b, [(b, FID), ...]) from the tuning caches on disk."""
+    out = {}
+    for f in sorted(tune_dir.glob("*.json")):
+        d = json.loads(f.read_text())
+        pts = sorted((float(b), float(v)) for b, v in d["points"])
+        out[(d["key"]["sampler"], int(d["key"]["steps"]))] = (min(pts, key=lambda p: (p[1], p[0]))[0], pts)
+    return out
+
+
+def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png: Path | None) -> None:
+    from epsscale.samplers import nfe
+
+    grids = tuned(tune_dir)
+    rows = []
+    for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(DISC).index(kv[0][0]), kv[0][1])):
+        base = cache.get(point_key(sampler, steps, 1.0, num, seed0, ref))
+        es = cache.get(point_key(sampler, steps, best, num, seed0, ref))
+        rows.append((sampler, steps, best, base, es))
+    print(f"Held-out FID, {num} samples (seeds {seed0}..{seed0 + num - 1}) against {ref}; b tuned on other seeds.\n")
+    print("| sampler | steps | NFE | tuned b | FID λ = 1 | FID at b | change |")
+    print("|---|---|---|---|---|---|---|")
+    for sampler, steps, best, base, es in rows:
+        f = lambda r: f"{r['fid']:.2f}" if r else "not run"
+        change = f"{100 * (es['fid'] / base['fid'] - 1):+.1f}%" if base and es else ("0 (b = 1)" if best == 1.0 and base else "")
+        print(f"| {sampler} | {steps} | {nfe(sampler, steps)} | {best:g} | {f(base)} | {f(es) if best != 1.0 else f(base)} | {change} |")
+    print("\nTuning grids (FID at b, tuning seeds, train split):\n")
+    bs = sorted({round(b, 6) for _, pts in grids.values() for b, _ in pts})
+    print("| sampler | steps | " + " | ".join(f"{b:g}" for b in bs) + " |")
+    print("|---|---|" + "---|" * len(bs))
+    for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(DISC).index(kv[0][0]), kv[0][1])):
+        d = {round(b, 6): v for b, v in pts}
+        cells = [("**%.2f**" if abs(b - best) < 1e-9 else "%.2f") % d[b] if b in d else "" for b in bs]
+        print(f"| {sampler} | {steps} | " + " | ".join(cells) + " |")
     if out_png:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for (sampler, steps, num, seed0, ref), d in sorted(rows.items()):
-            lams = sorted(d)
-            axes[1].plot(lams, [d[l] for l in lams], marker="o", label=f"{sampler} {steps} steps")
-        by_sampler: dict[str, list] = {}
-        for (sampler, steps, num, seed0, ref), d in sorted(rows.items()):
-            if 1.0 in d:
-                by_sampler.setdefault(sampler, []).append((steps, d[1.0], min(d.values())))
-        for sampler, pts in by_sampler.items():
-            pts.sort()
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{sampler} baseline")
-            axes[0].plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls="--", label=f"{sampler} best lambda")
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for sampler in DISC:
+            pts = [(st, base["fid"], es["fid"] if es else base["fid"]) for s_, st, b, base, es in rows if s_ == sampler and base and (es or b == 1.0)]
+            if not pts:
+                continue
+            line = axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{sampler}, λ = 1")[0]
+            axes[0].plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls="--", color=line.get_color(), label=f"{sampler}, tuned b")
+        for (sampler, steps), (best, pts) in sorted(grids.items()):
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{sampler} {steps}")
         axes[0].set_xscale("log")
         axes[0].set_xlabel("steps")
-        axes[0].set_ylabel("FID (FMNIST classifier features, test split)")
-        axes[1].set_xlabel("lambda")
-        axes[1].set_ylabel("FID")
+        axes[0].set_ylabel(f"FID, {num} held-out samples vs test split")
+        axes[1].set_xlabel("uniform b")
+        axes[1].set_ylabel("FID, tuning grid (train split)")
+        axes[1].set_yscale("log")
         for ax in axes:
             ax.legend(fontsize=6)
         fig.tight_layout()
@@ -108,19 +155,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samplers", default="ddpm,ddim,euler,heun")
     ap.add_argument("--steps", default="10,20,50,100")
-    ap.add_argument("--lams", default="1.0,1.005,1.01,1.015,1.02")
+    ap.add_argument("--tune-lo", type=float, default=0.99)
+    ap.add_argument("--tune-hi", type=float, default=1.02)
+    ap.add_argument("--tune-points", type=int, default=7)
+    ap.add_argument("--tune-num", type=int, default=500)
+    ap.add_argument("--tune-dir", default="benchmarks/quality_tune")
     ap.add_argument("--num", type=int, default=5000)
     ap.add_argument("--seed0", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=125)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ref", default="fashion-mnist-test")
     ap.add_argument("--cache", default="benchmarks/quality_cache.json")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--plot", default="benchmarks/quality.png")
     args = ap.parse_args()
-    cache_path = Path(args.cache)
+    cache_path, tune_dir = Path(args.cache), Path(args.tune_dir)
     if args.report:
-        report(load_cache(cache_path), Path(args.plot) if args.plot else None)
+        report(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref, Path(args.plot) if args.plot else None)
         return
     torch.set_num_threads(args.threads)
     from epsscale.metrics import get_extractor, reference_stats
@@ -130,18 +181,20 @@ def main() -> None:
     ext = get_extractor("fmnist")
     ref_stats = reference_stats(ext, args.ref)
     work_root = cache_path.with_name(cache_path.stem + "_work")
-    for sampler in args.samplers.split(","):
-        for steps in [int(s) for s in args.steps.split(",")]:
-            for lam in [float(l) for l in args.lams.split(",")]:
+    # Steps outer, so the short (cheap) settings of every sampler finish first.
+    for steps in [int(s) for s in args.steps.split(",")]:
+        for sampler in args.samplers.split(","):
+            res = tune(model, sampler, steps, args.tune_lo, args.tune_hi, args.tune_points, args.tune_num, args.batch, tune_dir)
+            print(f"tuned {sampler} {steps}: b = {res.best_b:g} ({res.new_evaluations} new grid points)", flush=True)
+            for lam in dict.fromkeys([1.0, res.best_b]):
                 key = point_key(sampler, steps, lam, args.num, args.seed0, args.ref)
-                cache = load_cache(cache_path)
-                if key in cache:
+                if key in load_cache(cache_path):
                     continue
-                res = evaluate(model, ext, ref_stats, sampler, steps, lam, args.num, args.seed0, args.batch, work_root)
+                out = evaluate(model, ext, ref_stats, sampler, steps, lam, args.num, args.seed0, args.batch, work_root)
                 cache = load_cache(cache_path)
-                cache[key] = res
+                cache[key] = out
                 save_cache(cache_path, cache)
-                print(f"{key}: FID {res['fid']:.4f} ({res['seconds']}s)", flush=True)
+                print(f"{key}: FID {out['fid']:.4f} ({out['seconds']}s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,22 @@ def test_calibrate_norm_and_fid_write_loadable_schedules(tiny_model, tmp_path):
     assert load_schedule(out2).schedule.b == sched2.schedule.b
 
 
+def test_calibrate_parabola_writes_the_vertex(tiny_model, tmp_path, capsys):
+    out = tmp_path / "para.json"
+    args = ["calibrate", "--model", str(tiny_model), "--sampler", "ddim", "--steps", "2", "--method", "fid", "--search", "parabola", "--fid-num", "8", "--batch", "8", "--step", "0.05", "--out", str(out)]
+    assert main(args) == 0
+    sched = load_schedule(out)
+    pts = {float(k): v for k, v in sched.meta["points"].items()}
+    assert len(pts) >= 3 and sched.meta["search"] == "parabola" and sched.meta["num"] == 8
+    best = min(pts, key=pts.get)
+    if sched.meta["bracketed"]:
+        assert abs(sched.schedule.b - best) <= 0.025 + 1e-9  # within step/2 of the lowest point
+    else:
+        assert sched.schedule.b == best
+    assert sched.meta["nfe"] == len(pts) * 8 * 2
+    assert "parabola" in capsys.readouterr().out
+
+
 def test_measure_needs_a_lambda_for_other_models(tiny_model, tmp_path, capsys):
     assert main(["measure", "--model", str(tiny_model), "--steps", "3", "--num", "4", "--out", str(tmp_path / "m")]) == 2
     assert "--eps-scale" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -420,6 +421,9 @@ def test_norm_matching_on_an_imperfect_model_meets_the_training_curve(tmp_path):
     h = [p["objective"] for p in info.iterations]
     assert min(h) <= 1e-4 and max(h) >= -1e-4
     assert info.weights.sum() == pytest.approx(1.0)
+    # The first call sees the untouched starting state (residual 1/λ whatever λ): weight 0.
+    assert float(info.weights[0]) == 0.0 and bool((info.weights[1:] > 0).all())
+    assert abs(sched.b - 1.0) > 1e-3
 
     path = tmp_path / "lam.json"
     write_calibrated_schedule(path, sched, {"model": "toy", "sampler": "ddpm", "steps": 20, "n": 128, "calibration": info})
@@ -467,7 +471,52 @@ def test_fid_search_golden_and_grid():
     assert g.best_b == pytest.approx(1.01)
 
 
-@pytest.mark.parametrize("method", ["golden", "grid"])
+@pytest.mark.parametrize("b_star, calls", [(0.9973, 3), (1.0, 3), (1.0049, 3), (1.013, 4), (1.0381, 7)])
+def test_fid_search_parabola_is_exact_on_a_parabola(b_star, calls):
+    # A quadratic score: the vertex is exact, from 3 points (or more when it must walk there).
+    f = Quadratic(b_star)
+    res = fid_search(f, 0.95, 1.05, method="parabola", start=1.0, step=0.01)
+    assert res.bracketed and res.method == "parabola"
+    assert res.best_b == pytest.approx(b_star, abs=1e-9)
+    assert res.best_score == pytest.approx(3.0, abs=1e-7)
+    assert len(f.calls) == res.new_evaluations == calls
+    # The points it evaluated are all on the lattice 1 + j * 0.01.
+    assert all(abs((b - 1.0) / 0.01 - round((b - 1.0) / 0.01)) < 1e-9 for b in f.calls)
+
+
+def test_fid_search_parabola_walks_and_stops_at_bounds():
+    # Minimum far outside [lo, hi]: walk downhill to the bound and say it is not bracketed.
+    f = Quadratic(1.2)
+    res = fid_search(f, 0.98, 1.04, method="parabola", start=1.0, step=0.01)
+    assert not res.bracketed and res.best_b == pytest.approx(1.04)
+    assert max(f.calls) == pytest.approx(1.04) and len(f.calls) == 6
+    # ... or at max_evals.
+    f = Quadratic(1.2)
+    res = fid_search(f, 0.9, 1.5, method="parabola", max_evals=4)
+    assert not res.bracketed and len(f.calls) == 4 and res.best_b == pytest.approx(1.02)
+    # A flat (non-convex) triple returns the middle point.
+    res = fid_search(lambda b: 5.0, 0.9, 1.1, method="parabola")
+    assert res.bracketed and res.best_b == pytest.approx(1.0) and res.best_score == 5.0
+    with pytest.raises(ValueError):
+        fid_search(f, 1.0, 1.1, method="parabola", start=0.9)
+    with pytest.raises(ValueError):
+        fid_search(f, 0.9, 1.1, method="parabola", step=0.0)
+    with pytest.raises(ValueError):
+        fid_search(f, 0.9, 1.1, method="parabola", max_evals=2)
+
+
+def test_fid_search_parabola_robust_to_noise():
+    # Noisy scores (FID of a few samples): the vertex stays near the optimum.
+    rng = np.random.default_rng(0)
+    errs = []
+    for _ in range(50):
+        noise = {}
+        f = lambda b: 100 + 2e4 * (b - 1.007) ** 2 + noise.setdefault(round(b, 6), rng.normal(0, 0.3))  # noqa: E731
+        errs.append(fid_search(f, 0.95, 1.05, method="parabola").best_b - 1.007)
+    assert np.median(np.abs(errs)) < 0.002
+
+
+@pytest.mark.parametrize("method", ["golden", "grid", "parabola"])
 def test_fid_search_cache_resumes(tmp_path, method):
     cache = tmp_path / "fid.json"
     kw = dict(method=method, tol=1e-4, points=9, key={"model": "toy", "steps": 20})
