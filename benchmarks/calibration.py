@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--cache", default=None, help="FID grid points cache (a rerun replays it)")
+    ap.add_argument("--norm-cache-dir", default="benchmarks/calibration_norm", help="norm-matching results, one schedule JSON each")
     ap.add_argument("--parabola-num", type=int, default=100, help="samples per point of the parabola search (0: skip)")
     ap.add_argument("--parabola-step", type=float, default=0.01)
     ap.add_argument("--parabola-cache", default=None, help="default OUT.parabola.json")
@@ -50,7 +51,7 @@ def main() -> None:
     from epsscale.exposure import calibrate_norm_matching, fid_search
     from epsscale.models.pretrained import load_model
     from epsscale.samplers import nfe
-    from epsscale.scaling import Uniform
+    from epsscale.scaling import Uniform, load_schedule, save_schedule
 
     disc, sigma_max = {s: (d, m) for _, s, d, _, m in DEMO_SETTINGS}.get(args.sampler, ("respaced", None))
     model = load_model("fmnist")
@@ -71,10 +72,21 @@ def main() -> None:
     schedules = {"grid best uniform": (Uniform(res.best_b), report["grid"]["nfe"]), "lambda = 1": (Uniform(1.0), 0)}
     report["norm"] = {}
     for kind in [k for k in args.norm_kinds.split(",") if k]:
+        # Each norm-matching result is kept (as a schedule JSON) so a rerun does not redo it.
+        saved = Path(args.norm_cache_dir) / f"{args.sampler}_{args.steps}_{kind}_{args.norm_num}.json"
+        if saved.exists():
+            loaded = load_schedule(saved)
+            sched, m = loaded.schedule, loaded.meta
+            schedules[f"norm matching, {kind}"] = (sched, m["nfe"])
+            report["norm"][kind] = {k: m[k] for k in ("nfe", "passes", "lam", "seconds")} | {"schedule": repr(sched), "from": str(saved)}
+            print(f"norm {kind}: {sched} ({m['nfe']} evaluations, from {saved})", flush=True)
+            continue
         t0 = time.time()
         sched, info = calibrate_norm_matching(model.denoiser, x0, sigmas, args.sampler, kind, seeds=range(TUNING_SEED0, TUNING_SEED0 + args.norm_num), sampler_opts=opts, batch_size=args.batch)
         schedules[f"norm matching, {kind}"] = (sched, info.nfe)
         report["norm"][kind] = {"schedule": repr(sched), "nfe": info.nfe, "passes": info.passes, "lam": info.lam.tolist(), "seconds": round(time.time() - t0, 1)}
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        save_schedule(saved, sched, {"model": "fmnist", "sampler": args.sampler, "steps": args.steps, **{k: report["norm"][kind][k] for k in ("nfe", "passes", "lam", "seconds")}})
         print(f"norm {kind}: {sched} ({info.nfe} evaluations)", flush=True)
 
     # The cheap FID search: a parabola through 3-4 small coupled FID points (same tuning seeds).

@@ -471,7 +471,7 @@ def test_fid_search_golden_and_grid():
     assert g.best_b == pytest.approx(1.01)
 
 
-@pytest.mark.parametrize("b_star, calls", [(0.9973, 3), (1.0, 3), (1.0049, 3), (1.013, 4), (1.0381, 7)])
+@pytest.mark.parametrize("b_star, calls", [(0.9973, 3), (1.0, 3), (1.0049, 3), (1.013, 4), (1.0381, 6)])
 def test_fid_search_parabola_is_exact_on_a_parabola(b_star, calls):
     # A quadratic score: the vertex is exact, from 3 points (or more when it must walk there).
     f = Quadratic(b_star)
@@ -497,6 +497,14 @@ def test_fid_search_parabola_walks_and_stops_at_bounds():
     # A flat (non-convex) triple returns the middle point.
     res = fid_search(lambda b: 5.0, 0.9, 1.1, method="parabola")
     assert res.bracketed and res.best_b == pytest.approx(1.0) and res.best_score == 5.0
+    # Starting at a bound: the first three points lie inside [lo, hi].
+    f = Quadratic(1.013)
+    res = fid_search(f, 1.0, 1.1, method="parabola", start=1.0)
+    assert min(f.calls) >= 1.0 and res.bracketed and res.best_b == pytest.approx(1.013)
+    # A vertex that the three points only reach by extrapolation is not trusted: it walks.
+    f = Quadratic(1.013)
+    fid_search(f, 0.9, 1.1, method="parabola")
+    assert sorted(f.calls) == pytest.approx([0.99, 1.0, 1.01, 1.02])
     with pytest.raises(ValueError):
         fid_search(f, 1.0, 1.1, method="parabola", start=0.9)
     with pytest.raises(ValueError):

@@ -1210,11 +1210,12 @@ def fid_search(
     The sequence of b's depends only on (lo, hi, tol), so a rerun walks the same points.
 
     ``"parabola"``, the cheap one: evaluate b = ``start`` − ``step``, ``start``, ``start`` +
-    ``step``; while the lowest point lacks an evaluated neighbour on the lattice
-    ``start`` + j·``step``, walk one step downhill (inside [lo, hi], at most ``max_evals``
-    points); then return the vertex of the parabola through the lowest point and its two
-    neighbours. With a convex bracket the vertex lies within ``step``/2 of the lowest point. It
-    is meant for a small ``evaluate`` (e.g. FID of ~100 samples on fixed seeds): the seeds are
+    ``step`` (successive parabolic interpolation on the lattice ``start`` + j·``step``). It
+    returns the vertex of the parabola through the lowest point and its two neighbours (a
+    bracket: the vertex is within ``step``/2 of the lowest point), or through the lowest point
+    and the two before it when that convex parabola turns inside those three points. Otherwise
+    it walks one step downhill and tries again (inside [lo, hi], at most ``max_evals`` points).
+    It is meant for a small ``evaluate`` (e.g. FID of ~100 samples on fixed seeds): the seeds are
     the same at every b, so the small-sample bias of FID is nearly the same at every b and
     cancels in the comparison, while the parabola averages the remaining noise over three
     points. Measured on the shipped model (benchmarks/RESULTS.md), 3 × 100 samples landed
@@ -1295,26 +1296,38 @@ def _parabola_search(f: Callable[[float], float], seen: dict, stats: dict, lo: f
         raise ValueError(f"max_evals must be an integer >= 3, got {max_evals!r}")
     inside = lambda j: lo - 1e-12 <= start + j * step <= hi + 1e-12  # noqa: E731
     score: dict[int, float] = {}
-    for j in (-1, 0, 1):
+    first = (-1, 0, 1) if inside(-1) and inside(1) else ((0, 1, 2) if inside(1) else (-2, -1, 0))
+    for j in first:
         if inside(j):
             score[j] = f(start + j * step)
+    def vertex(m: int) -> tuple[float, float] | None:
+        """(u, value) of the parabola through m-1, m, m+1, if convex with its vertex in [m-1, m+1]."""
+        if not all(j in score for j in (m - 1, m, m + 1)):
+            return None
+        y0, y1, y2 = score[m - 1], score[m], score[m + 1]
+        curv = y0 - 2 * y1 + y2
+        if curv <= 0:
+            return (0.0, y1) if y0 >= y1 <= y2 else None  # flat: keep the middle
+        u = 0.5 * (y0 - y2) / curv
+        return (u, y1 - 0.25 * (y0 - y2) * u) if abs(u) <= 1 else None
+
     while True:
         jb = min(score, key=lambda j: (score[j], abs(j)))  # ties: the point nearest start
         missing = [j for j in (jb - 1, jb + 1) if j not in score]
-        if not missing:
-            break
-        # Walk downhill: towards the side whose neighbour is missing (the lowest point is an end).
-        j_new = missing[0]
-        if not inside(j_new) or len(score) >= max_evals:
+        # Done when the lowest point is inside a triple whose parabola has its vertex inside the
+        # triple: the lowest point in the middle (a bracket), or at the end of a convex triple
+        # that turns within it.
+        m = jb if not missing else (jb - 1 if jb + 1 in missing else jb + 1)
+        v = vertex(m)
+        if v is not None:
+            pts = tuple(sorted(seen.items()))
+            return FidSearchResult(start + (m + v[0]) * step, v[1], pts, stats["new"], stats["cached"], "parabola", bracketed=True)
+        # Walk downhill: one step past the lowest point, on the side where it has no neighbour.
+        j_new = missing[0] if missing else jb + (1 if score[jb + 1] < score[jb - 1] else -1)
+        if not inside(j_new) or len(score) >= max_evals or j_new in score:
             pts = tuple(sorted(seen.items()))
             return FidSearchResult(start + jb * step, score[jb], pts, stats["new"], stats["cached"], "parabola", bracketed=False)
         score[j_new] = f(start + j_new * step)
-    # Vertex of the parabola through (jb-1, jb, jb+1) in lattice units; convex since jb is lowest.
-    y0, y1, y2 = score[jb - 1], score[jb], score[jb + 1]
-    curv = y0 - 2 * y1 + y2
-    u = 0.0 if curv <= 0 else 0.5 * (y0 - y2) / curv  # in [-1/2, 1/2]
-    pts = tuple(sorted(seen.items()))
-    return FidSearchResult(start + (jb + u) * step, y1 - 0.25 * (y0 - y2) * u, pts, stats["new"], stats["cached"], "parabola", bracketed=True)
 
 
 def write_calibrated_schedule(path: str | os.PathLike, schedule: Union[Uniform, Linear, PerSigma, Calibrated], meta: Mapping[str, Any]) -> None:
