@@ -96,7 +96,7 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return embedding
 
 
-def _zeroed(module: nn.Module) -> nn.Module:
+def zeroed(module: nn.Module) -> nn.Module:
     """Zero a module's parameters (ADM's residual output layers start as the identity)."""
     with torch.no_grad():
         for p in module.parameters():
@@ -183,7 +183,7 @@ class ResBlock(nn.Module):
             GroupNorm32(out_channels),
             nn.SiLU(),
             nn.Dropout(p=dropout),
-            _zeroed(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zeroed(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
 
         # guided-diffusion never sets use_conv for the skip: a 1x1 conv when the width changes.
@@ -251,7 +251,7 @@ class AttentionBlock(nn.Module):
         self.use_new_attention_order = use_new_attention_order
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = _zeroed(nn.Conv1d(channels, channels, 1))
+        self.proj_out = zeroed(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, height, width = x.shape
@@ -478,7 +478,7 @@ class ADMUNet(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(ch),
             nn.SiLU(),
-            _zeroed(nn.Conv2d(input_ch, out_channels, 3, padding=1)),
+            zeroed(nn.Conv2d(input_ch, out_channels, 3, padding=1)),
         )
 
     @staticmethod
@@ -596,7 +596,7 @@ ADM_FLAG_DEFAULTS: Mapping[str, object] = MappingProxyType(
 
 # Flags of guided-diffusion's scripts (and the ADM-ES / DDPM-IP forks) that do not shape the
 # network. They are accepted and ignored so that a script's full flag set can be passed as is.
-_NON_MODEL_FLAGS = frozenset(
+NON_MODEL_FLAGS = frozenset(
     {
         # diffusion_defaults()
         "diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart",
@@ -615,7 +615,7 @@ _TRUE = ("yes", "true", "t", "y", "1")
 _FALSE = ("no", "false", "f", "n", "0")
 
 
-def _flag_bool(name: str, value: object) -> bool:
+def flag_bool(name: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -625,7 +625,7 @@ def _flag_bool(name: str, value: object) -> bool:
     raise ValueError(f"flag {name!r}: expected a boolean (True/False, yes/no, 1/0), got {value!r}")
 
 
-def _flag_int(name: str, value: object) -> int:
+def flag_int(name: str, value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, float) and value.is_integer():
@@ -638,7 +638,7 @@ def _flag_int(name: str, value: object) -> int:
     raise ValueError(f"flag {name!r}: expected an integer, got {value!r}")
 
 
-def _flag_float(name: str, value: object) -> float:
+def flag_float(name: str, value: object) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
@@ -649,7 +649,7 @@ def _flag_float(name: str, value: object) -> float:
     raise ValueError(f"flag {name!r}: expected a number, got {value!r}")
 
 
-def _flag_list(name: str, value: object, parse: type[int] | type[float]) -> list:
+def flag_list(name: str, value: object, parse: type[int] | type[float]) -> list:
     """A comma-separated string ("16,8") or a sequence of numbers; "" is the empty list."""
     items: Sequence[object]
     if isinstance(value, str):
@@ -660,7 +660,7 @@ def _flag_list(name: str, value: object, parse: type[int] | type[float]) -> list
         items = [value]
     else:
         raise ValueError(f"flag {name!r}: expected comma-separated numbers, got {value!r}")
-    to_number = _flag_int if parse is int else _flag_float
+    to_number = flag_int if parse is int else flag_float
     try:
         return [to_number(name, item) for item in items]
     except ValueError:
@@ -688,18 +688,18 @@ def create_adm_model(flags: Mapping[str, object]) -> ADMUNet:
         ValueError: for an unknown flag or a value that does not parse, naming the flag.
     """
     for name in flags:
-        if name not in ADM_FLAG_DEFAULTS and name not in _NON_MODEL_FLAGS:
+        if name not in ADM_FLAG_DEFAULTS and name not in NON_MODEL_FLAGS:
             close = difflib.get_close_matches(name, list(ADM_FLAG_DEFAULTS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown ADM model flag {name!r}{hint}")
     f = {**ADM_FLAG_DEFAULTS, **flags}
 
     # Sizes.
-    image_size = _flag_int("image_size", f["image_size"])
-    in_channels = _flag_int("in_channels", f["in_channels"])
-    learn_sigma = _flag_bool("learn_sigma", f["learn_sigma"])
+    image_size = flag_int("image_size", f["image_size"])
+    in_channels = flag_int("in_channels", f["in_channels"])
+    learn_sigma = flag_bool("learn_sigma", f["learn_sigma"])
     mult_flag = f["channel_mult"]
-    mults = [] if mult_flag is None else _flag_list("channel_mult", mult_flag, float)
+    mults = [] if mult_flag is None else flag_list("channel_mult", mult_flag, float)
     if mults:
         channel_mult = tuple(int(m) if m.is_integer() else m for m in mults)
     else:  # "" (the default): guided-diffusion's choice for the image size
@@ -710,30 +710,30 @@ def create_adm_model(flags: Mapping[str, object]) -> ADMUNet:
 
     # Attention.
     attention_resolutions = tuple(
-        _flag_list("attention_resolutions", f["attention_resolutions"], int)
+        flag_list("attention_resolutions", f["attention_resolutions"], int)
     )
 
     # Accepted, but without effect here.
-    if _flag_bool("use_fp16", f["use_fp16"]):
+    if flag_bool("use_fp16", f["use_fp16"]):
         logger.info("use_fp16 ignored: ADMUNet is built in float32 (cast it yourself if wanted)")
-    _flag_bool("use_checkpoint", f["use_checkpoint"])
+    flag_bool("use_checkpoint", f["use_checkpoint"])
 
     return ADMUNet(
         image_size=image_size,
         in_channels=in_channels,
-        model_channels=_flag_int("num_channels", f["num_channels"]),
+        model_channels=flag_int("num_channels", f["num_channels"]),
         out_channels=2 * in_channels if learn_sigma else in_channels,
-        num_res_blocks=_flag_int("num_res_blocks", f["num_res_blocks"]),
+        num_res_blocks=flag_int("num_res_blocks", f["num_res_blocks"]),
         attention_resolutions=attention_resolutions,
-        dropout=_flag_float("dropout", f["dropout"]),
+        dropout=flag_float("dropout", f["dropout"]),
         channel_mult=channel_mult,
-        num_classes=NUM_CLASSES if _flag_bool("class_cond", f["class_cond"]) else None,
-        num_heads=_flag_int("num_heads", f["num_heads"]),
-        num_head_channels=_flag_int("num_head_channels", f["num_head_channels"]),
-        num_heads_upsample=_flag_int("num_heads_upsample", f["num_heads_upsample"]),
-        use_scale_shift_norm=_flag_bool("use_scale_shift_norm", f["use_scale_shift_norm"]),
-        resblock_updown=_flag_bool("resblock_updown", f["resblock_updown"]),
-        use_new_attention_order=_flag_bool(
+        num_classes=NUM_CLASSES if flag_bool("class_cond", f["class_cond"]) else None,
+        num_heads=flag_int("num_heads", f["num_heads"]),
+        num_head_channels=flag_int("num_head_channels", f["num_head_channels"]),
+        num_heads_upsample=flag_int("num_heads_upsample", f["num_heads_upsample"]),
+        use_scale_shift_norm=flag_bool("use_scale_shift_norm", f["use_scale_shift_norm"]),
+        resblock_updown=flag_bool("resblock_updown", f["resblock_updown"]),
+        use_new_attention_order=flag_bool(
             "use_new_attention_order", f["use_new_attention_order"]
         ),
     )

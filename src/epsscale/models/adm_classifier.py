@@ -30,16 +30,16 @@ from torch import Tensor, nn
 
 from epsscale.models.adm import (
     ADM_FLAG_DEFAULTS,
-    _NON_MODEL_FLAGS,
+    NON_MODEL_FLAGS,
     AttentionBlock,
     Downsample,
     GroupNorm32,
     ResBlock,
     TimestepEmbedSequential,
-    _flag_bool,
-    _flag_int,
-    _flag_list,
-    _zeroed,
+    flag_bool,
+    flag_int,
+    flag_list,
+    zeroed,
     default_channel_mult,
     timestep_embedding,
 )
@@ -236,7 +236,7 @@ class EncoderUNet(nn.Module):
         if pool == "adaptive":
             self.out = nn.Sequential(
                 GroupNorm32(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
-                _zeroed(nn.Conv2d(ch, out_channels, 1)), nn.Flatten(),
+                zeroed(nn.Conv2d(ch, out_channels, 1)), nn.Flatten(),
             )  # fmt: skip
         elif pool == "attention":
             if image_size % ds:
@@ -298,7 +298,7 @@ CLASSIFIER_FLAG_DEFAULTS: Mapping[str, object] = MappingProxyType(
 
 # Flags of classifier_sample.py that do not shape the classifier: accepted and ignored, so that a
 # script's full flag set can be passed as is.
-_IGNORED = frozenset(ADM_FLAG_DEFAULTS) | _NON_MODEL_FLAGS
+_IGNORED = frozenset(ADM_FLAG_DEFAULTS) | NON_MODEL_FLAGS
 
 
 def create_adm_classifier(flags: Mapping[str, object]) -> EncoderUNet:
@@ -332,7 +332,7 @@ def create_adm_classifier(flags: Mapping[str, object]) -> EncoderUNet:
             raise ValueError(f"unknown ADM classifier flag {name!r}{hint}")
     f = {**CLASSIFIER_FLAG_DEFAULTS, **{k: v for k, v in flags.items() if k in CLASSIFIER_FLAG_DEFAULTS}}
 
-    image_size = _flag_int("image_size", f["image_size"])
+    image_size = flag_int("image_size", f["image_size"])
     try:
         channel_mult = default_channel_mult(image_size)
     except ValueError as err:
@@ -340,19 +340,19 @@ def create_adm_classifier(flags: Mapping[str, object]) -> EncoderUNet:
     pool = f["classifier_pool"]
     if pool not in _POOLS:
         raise ValueError(f"flag 'classifier_pool': expected one of {', '.join(_POOLS)}, got {pool!r}")
-    _flag_bool("classifier_use_fp16", f["classifier_use_fp16"])
+    flag_bool("classifier_use_fp16", f["classifier_use_fp16"])
 
     return EncoderUNet(
         image_size=image_size,
         in_channels=3,
-        model_channels=_flag_int("classifier_width", f["classifier_width"]),
+        model_channels=flag_int("classifier_width", f["classifier_width"]),
         out_channels=NUM_CLASSES,
-        num_res_blocks=_flag_int("classifier_depth", f["classifier_depth"]),
-        attention_resolutions=_flag_list("classifier_attention_resolutions", f["classifier_attention_resolutions"], int),
+        num_res_blocks=flag_int("classifier_depth", f["classifier_depth"]),
+        attention_resolutions=flag_list("classifier_attention_resolutions", f["classifier_attention_resolutions"], int),
         channel_mult=channel_mult,
         num_head_channels=_HEAD_CHANNELS,
-        use_scale_shift_norm=_flag_bool("classifier_use_scale_shift_norm", f["classifier_use_scale_shift_norm"]),
-        resblock_updown=_flag_bool("classifier_resblock_updown", f["classifier_resblock_updown"]),
+        use_scale_shift_norm=flag_bool("classifier_use_scale_shift_norm", f["classifier_use_scale_shift_norm"]),
+        resblock_updown=flag_bool("classifier_resblock_updown", f["classifier_resblock_updown"]),
         pool=pool,  # type: ignore[arg-type]
     )
 
