@@ -63,7 +63,7 @@ def evaluate(model, ext, ref_stats, sampler: str, steps: int, lam: float, num: i
     return {"fid": fid, "nfe_per_sample": nfe(sampler, steps), "seconds": round(time.time() - t0, 1)}
 
 
-def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num: int, batch: int, tune_dir: Path, max_extend: int = 4):
+def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num: int, batch: int, tune_dir: Path, max_extend: int = 8):
     """FID grid over uniform b on tuning seeds (train split), cached per (sampler, steps, num).
 
     When the best b is an end of the grid the grid grows past that end, one spacing at a time
@@ -82,7 +82,9 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
     # A minimum on the edge of the grid is not a minimum: extend by one spacing at a time.
     step = (hi - lo) / (points - 1)
-    while res.best_b in (lo, hi) and len(res.points) < points + max_extend:
+    for _ in range(max_extend):
+        if res.best_b not in (lo, hi):
+            break
         lo, hi = (lo - step, hi) if res.best_b == lo else (lo, hi + step)
         points += 1
         res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
