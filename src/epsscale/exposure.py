@@ -16,7 +16,10 @@ is a descending grid ``σ_0 > … > σ_{T'-1} > σ_{T'} = 0``; step i calls the 
 * :func:`analytic_variance`: the prediction-error model Δ_{t−1} = c_t² Δ_t + c_0² γ_t² (PAPER.md
   "Sampling distribution with prediction error").
 * :func:`calibrate_norm_matching`: λ chosen so the ES sampling ε-norm curve meets the training
-  curve; :func:`fid_search`: a cached golden-section / grid search over uniform b.
+  curve; :func:`fid_search`: a cached golden-section, grid or parabola search over uniform b.
+  On the shipped Fashion-MNIST model the parabola search on 100-sample FIDs is the one that
+  finds the grid's λ cheaply; norm matching points the wrong way there (benchmarks/RESULTS.md,
+  "Which calibration works").
 * :func:`plot_delta`, :func:`plot_eps_norms`, :func:`plot_fid_vs_b`, :func:`exposure_json`:
   reports.
 
@@ -941,6 +944,11 @@ def calibrate_norm_matching(
     schedule. It carries no information, and (with influence weights, largest at σ_max) it
     used to pin the uniform solution to b = 1. ``reference`` is the denoiser whose training curve is the target (default: the
     model itself).
+
+    Measured on the shipped Fashion-MNIST model (benchmarks/RESULTS.md): the sampling norm sits
+    *below* the training norm on DDIM and Euler, so norm matching asks for λ < 1 where FID
+    wants 1.01; none of its schedules came within 2% of the FID grid there. Use
+    ``fid_search(method="parabola")`` to choose λ for quality.
 
     Caveat: norm matching compares the network with itself. An ε mis-scaled by the same factor
     on training and sampling inputs moves both curves and is invisible to it; what it detects
