@@ -46,17 +46,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from epsscale.cli_exposure import TUNING_SEED0, _data, fid_evaluator
-    from epsscale.demo import DEMO_SETTINGS
+    from epsscale._atomic import atomic_write_text
+    from epsscale.demo import demo_discretisation, demo_sampler_options
     from epsscale.cli import make_grid
     from epsscale.exposure import calibrate_norm_matching, fid_search
     from epsscale.models.pretrained import load_model
     from epsscale.samplers import nfe
     from epsscale.scaling import Uniform, load_schedule, save_schedule
 
-    disc, sigma_max = {s: (d, m) for _, s, d, _, m in DEMO_SETTINGS}.get(args.sampler, ("respaced", None))
+    disc, sigma_max = demo_discretisation(args.sampler)
     model = load_model("fmnist")
     sigmas = make_grid(model, args.sampler, args.steps, disc, sigma_max)
-    opts = {"clip": 1.0} if args.sampler in ("ddpm", "ddim") else {}
+    opts = demo_sampler_options(args.sampler)
     per_image = nfe(args.sampler, args.steps)
     report: dict = {"sampler": args.sampler, "steps": args.steps, "disc": disc, "sigma_max": sigma_max, "grid_num": args.grid_num, "norm_num": args.norm_num, "eval_num": args.eval_num}
 
@@ -117,9 +118,7 @@ def main() -> None:
         if key not in ecache:
             ecache[key] = evaluate(sched)
             if ecache_path:
-                tmp = ecache_path.with_name(ecache_path.name + ".tmp")
-                tmp.write_text(json.dumps(ecache, indent=1, sort_keys=True) + "\n")
-                tmp.replace(ecache_path)
+                atomic_write_text(ecache_path, json.dumps(ecache, indent=1, sort_keys=True) + "\n")
         fid = ecache[key]
         rows.append({"method": name, "schedule": repr(sched), "fid": fid, "nfe": cost})
         print(f"{name}: FID {fid:.4f}", flush=True)

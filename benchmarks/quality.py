@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-# The demo's discretisations (see epsscale.demo.DEMO_SETTINGS): sampler -> (disc, karras sigma_max).
-DISC = {"ddpm": ("respaced", None), "ddim": ("ddim", None), "euler": ("karras", 13.0), "heun": ("karras", 13.0), "dpmpp_2m": ("karras", 13.0)}
-
+from epsscale._atomic import atomic_write_text
+from epsscale.demo import demo_discretisation, demo_sampler_options
+from epsscale.samplers import SAMPLERS
 
 def point_key(sampler: str, steps: int, lam: float, num: int, seed0: int, ref: str) -> str:
-    return f"{sampler}|{DISC[sampler][0]}|{steps}|{lam:.6g}|{num}|{seed0}|{ref}"
+    return f"{sampler}|{demo_discretisation(sampler)[0]}|{steps}|{lam:.6g}|{num}|{seed0}|{ref}"
 
 
 def load_cache(path: Path) -> dict:
@@ -38,28 +37,23 @@ def load_cache(path: Path) -> dict:
 
 
 def save_cache(path: Path, cache: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
 
 
-def evaluate(model, ext, ref_stats, sampler: str, steps: int, lam: float, num: int, seed0: int, batch: int, work_root: Path) -> dict:
+def evaluator(model, sampler: str, steps: int, num: int, seed0: int, batch: int, ref: str, work_root: Path | None = None):
+    """b -> FID of ``num`` samples from seed ``seed0`` on the demo's discretisation (see fid_evaluator)."""
     from epsscale.cli import make_grid
-    from epsscale.data.fashion_mnist import from_model_space
-    from epsscale.distributed import sample_seeds
-    from epsscale.metrics import compute_fid, feature_stats
+    from epsscale.cli_exposure import fid_evaluator
+
+    sigmas = make_grid(model, sampler, steps, *demo_discretisation(sampler))
+    return fid_evaluator(model, sampler, sigmas, demo_sampler_options(sampler), num, seed0, batch, ref, work_root=work_root, progress=work_root is not None)
+
+
+def evaluate(model, sampler: str, steps: int, lam: float, num: int, seed0: int, batch: int, ref: str, work_root: Path) -> dict:
     from epsscale.samplers import nfe
-    from epsscale.scaling import eps_scaling
 
-    sigmas = make_grid(model, sampler, steps, *DISC[sampler])
-    opts = {"clip": 1.0} if sampler in ("ddpm", "ddim") else {}
-    work = work_root / f"{sampler}-{steps}-{lam:.6g}-{num}-{seed0}"
     t0 = time.time()
-    images, _ = sample_seeds(eps_scaling(model.denoiser, lam, sigmas=sigmas), range(seed0, seed0 + num), model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts, work_dir=work, job_meta={"model": "fmnist", "lam": lam}, progress=True)
-    fid = compute_fid(feature_stats(images, ext), ref_stats)
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
+    fid = evaluator(model, sampler, steps, num, seed0, batch, ref, work_root)(lam)
     return {"fid": fid, "nfe_per_sample": nfe(sampler, steps), "seconds": round(time.time() - t0, 1)}
 
 
@@ -69,13 +63,10 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     When the best b is an end of the grid the grid grows past that end, one spacing at a time
     (at most ``max_extend`` points), until the minimum is inside it.
     """
-    from epsscale.cli import make_grid
-    from epsscale.cli_exposure import TUNING_SEED0, fid_evaluator
+    from epsscale.cli_exposure import TUNING_SEED0
     from epsscale.exposure import fid_search
 
-    sigmas = make_grid(model, sampler, steps, *DISC[sampler])
-    opts = {"clip": 1.0} if sampler in ("ddpm", "ddim") else {}
-    evaluate = fid_evaluator(model, sampler, sigmas, opts, num, TUNING_SEED0, batch)
+    evaluate = evaluator(model, sampler, steps, num, TUNING_SEED0, batch, "fashion-mnist-train")
     tune_dir.mkdir(parents=True, exist_ok=True)
     cache = tune_dir / f"{sampler}_{steps}_{num}.json"
     key = {"sampler": sampler, "steps": steps, "num": num}
@@ -106,7 +97,7 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
 
     grids = tuned(tune_dir)
     rows = []
-    for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(DISC).index(kv[0][0]), kv[0][1])):
+    for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(SAMPLERS).index(kv[0][0]), kv[0][1])):
         base = cache.get(point_key(sampler, steps, 1.0, num, seed0, ref))
         es = cache.get(point_key(sampler, steps, best, num, seed0, ref))
         rows.append((sampler, steps, best, base, es))
@@ -121,7 +112,7 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
     bs = sorted({round(b, 6) for _, pts in grids.values() for b, _ in pts})
     print("| sampler | steps | " + " | ".join(f"{b:g}" for b in bs) + " |")
     print("|---|---|" + "---|" * len(bs))
-    for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(DISC).index(kv[0][0]), kv[0][1])):
+    for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(SAMPLERS).index(kv[0][0]), kv[0][1])):
         d = {round(b, 6): v for b, v in pts}
         cells = [("**%.2f**" if abs(b - best) < 1e-9 else "%.2f") % d[b] if b in d else "" for b in bs]
         print(f"| {sampler} | {steps} | " + " | ".join(cells) + " |")
@@ -132,7 +123,7 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for sampler in DISC:
+        for sampler in SAMPLERS:
             pts = [(st, base["fid"], es["fid"] if es else base["fid"]) for s_, st, b, base, es in rows if s_ == sampler and base and (es or b == 1.0)]
             if not pts:
                 continue
@@ -176,12 +167,9 @@ def main() -> None:
         report(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref, Path(args.plot) if args.plot else None)
         return
     torch.set_num_threads(args.threads)
-    from epsscale.metrics import get_extractor, reference_stats
     from epsscale.models.pretrained import load_model
 
     model = load_model("fmnist")
-    ext = get_extractor("fmnist")
-    ref_stats = reference_stats(ext, args.ref)
     work_root = cache_path.with_name(cache_path.stem + "_work")
     # Steps outer, so the short (cheap) settings of every sampler finish first.
     for steps in [int(s) for s in args.steps.split(",")]:
@@ -192,7 +180,7 @@ def main() -> None:
                 key = point_key(sampler, steps, lam, args.num, args.seed0, args.ref)
                 if key in load_cache(cache_path):
                     continue
-                out = evaluate(model, ext, ref_stats, sampler, steps, lam, args.num, args.seed0, args.batch, work_root)
+                out = evaluate(model, sampler, steps, lam, args.num, args.seed0, args.batch, args.ref, work_root)
                 cache = load_cache(cache_path)
                 cache[key] = out
                 save_cache(cache_path, cache)

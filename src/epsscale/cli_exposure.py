@@ -92,8 +92,14 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
-def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, seed0: int, batch: int, ref: str = "fashion-mnist-train") -> Callable[[float], float]:
-    """b -> FID of ``num`` uniform-ES samples (seeds from ``seed0``), classifier features."""
+def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, seed0: int, batch: int, ref: str = "fashion-mnist-train", *, work_root: Path | None = None, progress: bool = False) -> Callable[[float], float]:
+    """b -> FID of ``num`` uniform-ES samples (seeds from ``seed0``), classifier features.
+
+    With ``work_root``, each b samples into its own work directory below it (finished batches
+    survive a kill and are reused by a rerun) that is removed once the FID is computed.
+    """
+    import shutil
+
     from .data.fashion_mnist import from_model_space
     from .distributed import sample_seeds
     from .metrics import compute_fid, feature_stats, get_extractor, reference_stats
@@ -103,8 +109,12 @@ def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, s
     ref_stats = reference_stats(ext, ref)
 
     def evaluate(b: float) -> float:
-        images, _ = sample_seeds(eps_scaling(model.denoiser, b, sigmas=sigmas), range(seed0, seed0 + num), model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts)
-        return compute_fid(feature_stats(images, ext), ref_stats)
+        work = None if work_root is None else work_root / f"{sampler}-{len(sigmas) - 1}-{b!r}-{num}-{seed0}"
+        images, _ = sample_seeds(eps_scaling(model.denoiser, b, sigmas=sigmas), range(seed0, seed0 + num), model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts, work_dir=work, job_meta={"model": "fmnist", "lam": b} if work else None, progress=progress)
+        fid = compute_fid(feature_stats(images, ext), ref_stats)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        return fid
 
     return evaluate
 

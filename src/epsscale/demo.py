@@ -22,7 +22,7 @@ import torch
 
 from ._atomic import atomic_write, atomic_write_text
 
-__all__ = ["fmnist_demo", "toy_demo", "DEMO_SETTINGS"]
+__all__ = ["fmnist_demo", "toy_demo", "DEMO_SETTINGS", "demo_discretisation", "demo_sampler_options"]
 
 # (label, sampler, discretisation, steps, sigma_max of a karras grid). DDIM takes guided-diffusion's
 # "ddimN" integer stride (t <= 950) and Euler a Karras grid topped at sigma 13 (about t = 950):
@@ -30,6 +30,21 @@ __all__ = ["fmnist_demo", "toy_demo", "DEMO_SETTINGS"]
 # x0 is too inaccurate for a deterministic sampler (see README, "The Fashion-MNIST model").
 DEMO_SETTINGS = (("DDPM", "ddpm", "respaced", 20, None), ("DDIM", "ddim", "ddim", 20, None), ("Euler", "euler", "karras", 20, 13.0))
 ES_FILE = Path(__file__).resolve().parent / "assets" / "fmnist_adm_es.json"
+
+
+def demo_discretisation(sampler: str) -> tuple[str, float | None]:
+    """(grid kind, Karras sigma_max) for ``sampler`` on the shipped model, as the demo and the
+    benchmarks run it: DEMO_SETTINGS' choice, and a Karras grid from sigma 13 for the other
+    sigma-space samplers (heun, dpmpp_2m)."""
+    for _, s, kind, _, sigma_max in DEMO_SETTINGS:
+        if s == sampler:
+            return kind, sigma_max
+    return "karras", 13.0
+
+
+def demo_sampler_options(sampler: str) -> dict:
+    """ADM's x0 clipping to [-1, 1] for the VP samplers (ddpm, ddim); nothing for the others."""
+    return {"clip": 1.0} if sampler in ("ddpm", "ddim") else {}
 
 
 def shipped_lambdas() -> dict[str, float]:
@@ -59,7 +74,7 @@ def fmnist_demo(out: Path, *, num: int | None = None, batch: int = 250, seed0: i
     t_all = time.time()
     for label, sampler, grid_kind, steps, sigma_max in DEMO_SETTINGS:
         sigmas = make_grid(model, sampler, steps, grid_kind, sigma_max)
-        opts = {"clip": 1.0} if sampler in ("ddpm", "ddim") else {}
+        opts = demo_sampler_options(sampler)
         for lam in dict.fromkeys((1.0, lams[sampler])):  # one row when the tuned lambda is 1
             t0 = time.time()
             images, _ = sample_seeds(eps_scaling(model.denoiser, lam, sigmas=sigmas), seeds, model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts, progress=True)

@@ -1308,6 +1308,7 @@ def _parabola_search(f: Callable[[float], float], seen: dict, stats: dict, lo: f
     for j in first:
         if inside(j):
             score[j] = f(start + j * step)
+
     def vertex(m: int) -> tuple[float, float] | None:
         """(u, value) of the parabola through m-1, m, m+1, if convex with its vertex in [m-1, m+1]."""
         if not all(j in score for j in (m - 1, m, m + 1)):
@@ -1330,9 +1331,10 @@ def _parabola_search(f: Callable[[float], float], seen: dict, stats: dict, lo: f
         if v is not None:
             pts = tuple(sorted(seen.items()))
             return FidSearchResult(start + (m + v[0]) * step, v[1], pts, stats["new"], stats["cached"], "parabola", bracketed=True)
-        # Walk downhill: one step past the lowest point, on the side where it has no neighbour.
-        j_new = missing[0] if missing else jb + (1 if score[jb + 1] < score[jb - 1] else -1)
-        if not inside(j_new) or len(score) >= max_evals or j_new in score:
+        # Walk downhill: one step past the lowest point, on the side where it has no neighbour
+        # (with both neighbours, jb is a bracket and vertex(jb) has returned above).
+        j_new = missing[0]
+        if not inside(j_new) or len(score) >= max_evals:
             pts = tuple(sorted(seen.items()))
             return FidSearchResult(start + jb * step, score[jb], pts, stats["new"], stats["cached"], "parabola", bracketed=False)
         score[j_new] = f(start + j_new * step)
