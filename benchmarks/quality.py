@@ -40,24 +40,24 @@ def save_cache(path: Path, cache: dict) -> None:
     atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
 
 
-def evaluator(model, sampler: str, steps: int, num: int, seed0: int, batch: int, ref: str, work_root: Path | None = None):
+def evaluator(model, sampler: str, steps: int, num: int, seed0: int, batch: int, ref: str, work_root: Path | None = None, device: str = "cpu"):
     """b -> FID of ``num`` samples from seed ``seed0`` on the demo's discretisation (see fid_evaluator)."""
     from epsscale.cli import make_grid
     from epsscale.cli_exposure import fid_evaluator
 
     sigmas = make_grid(model, sampler, steps, *demo_discretisation(sampler))
-    return fid_evaluator(model, sampler, sigmas, demo_sampler_options(sampler), num, seed0, batch, ref, work_root=work_root, progress=work_root is not None)
+    return fid_evaluator(model, sampler, sigmas, demo_sampler_options(sampler), num, seed0, batch, ref, work_root=work_root, progress=work_root is not None, device=device)
 
 
-def evaluate(model, sampler: str, steps: int, lam: float, num: int, seed0: int, batch: int, ref: str, work_root: Path) -> dict:
+def evaluate(model, sampler: str, steps: int, lam: float, num: int, seed0: int, batch: int, ref: str, work_root: Path, device: str = "cpu") -> dict:
     from epsscale.samplers import nfe
 
     t0 = time.time()
-    fid = evaluator(model, sampler, steps, num, seed0, batch, ref, work_root)(lam)
+    fid = evaluator(model, sampler, steps, num, seed0, batch, ref, work_root, device)(lam)
     return {"fid": fid, "nfe_per_sample": nfe(sampler, steps), "seconds": round(time.time() - t0, 1)}
 
 
-def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num: int, batch: int, tune_dir: Path, max_extend: int = 8):
+def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num: int, batch: int, tune_dir: Path, max_extend: int = 8, device: str = "cpu"):
     """FID grid over uniform b on tuning seeds (train split), cached per (sampler, steps, num).
 
     When the best b is an end of the grid the grid grows past that end, one spacing at a time
@@ -66,7 +66,7 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     from epsscale.cli_exposure import TUNING_SEED0
     from epsscale.exposure import fid_search
 
-    evaluate = evaluator(model, sampler, steps, num, TUNING_SEED0, batch, "fashion-mnist-train")
+    evaluate = evaluator(model, sampler, steps, num, TUNING_SEED0, batch, "fashion-mnist-train", device=device)
     tune_dir.mkdir(parents=True, exist_ok=True)
     cache = tune_dir / f"{sampler}_{steps}_{num}.json"
     key = {"sampler": sampler, "steps": steps, "num": num}
@@ -152,35 +152,41 @@ def main() -> None:
     ap.add_argument("--tune-hi", type=float, default=1.02)
     ap.add_argument("--tune-points", type=int, default=7)
     ap.add_argument("--tune-num", type=int, default=500)
-    ap.add_argument("--tune-dir", default="benchmarks/quality_tune")
+    ap.add_argument("--tune-dir", default=None, help="default benchmarks/quality_tune (with --device cuda: quality_tune_cuda)")
     ap.add_argument("--num", type=int, default=5000)
     ap.add_argument("--seed0", type=int, default=0)
     ap.add_argument("--batch", type=int, default=125)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ref", default="fashion-mnist-test")
-    ap.add_argument("--cache", default="benchmarks/quality_cache.json")
+    ap.add_argument("--cache", default=None, help="default benchmarks/quality_cache.json (with --device cuda: quality_cache_cuda.json)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; a seed's noise differs between them, so each keeps its own caches")
     ap.add_argument("--report", action="store_true")
-    ap.add_argument("--plot", default="benchmarks/quality.png")
+    ap.add_argument("--plot", default=None, help="default benchmarks/quality.png (with --device cuda: quality_cuda.png)")
     args = ap.parse_args()
-    cache_path, tune_dir = Path(args.cache), Path(args.tune_dir)
+    suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
+    cache_path = Path(args.cache or f"benchmarks/quality_cache{suffix}.json")
+    tune_dir = Path(args.tune_dir or f"benchmarks/quality_tune{suffix}")
+    args.plot = f"benchmarks/quality{suffix}.png" if args.plot is None else args.plot
     if args.report:
         report(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref, Path(args.plot) if args.plot else None)
         return
     torch.set_num_threads(args.threads)
+    # Full float32 on a GPU too (no TF32), so its numbers differ from the CPU's only by the noise.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     from epsscale.models.pretrained import load_model
 
-    model = load_model("fmnist")
+    model = load_model("fmnist", device=args.device)
     work_root = cache_path.with_name(cache_path.stem + "_work")
     # Steps outer, so the short (cheap) settings of every sampler finish first.
     for steps in [int(s) for s in args.steps.split(",")]:
         for sampler in args.samplers.split(","):
-            res = tune(model, sampler, steps, args.tune_lo, args.tune_hi, args.tune_points, args.tune_num, args.batch, tune_dir)
+            res = tune(model, sampler, steps, args.tune_lo, args.tune_hi, args.tune_points, args.tune_num, args.batch, tune_dir, device=args.device)
             print(f"tuned {sampler} {steps}: b = {res.best_b:g} ({res.new_evaluations} new grid points)", flush=True)
             for lam in dict.fromkeys([1.0, res.best_b]):
                 key = point_key(sampler, steps, lam, args.num, args.seed0, args.ref)
                 if key in load_cache(cache_path):
                     continue
-                out = evaluate(model, sampler, steps, lam, args.num, args.seed0, args.batch, args.ref, work_root)
+                out = evaluate(model, sampler, steps, lam, args.num, args.seed0, args.batch, args.ref, work_root, args.device)
                 cache = load_cache(cache_path)
                 cache[key] = out
                 save_cache(cache_path, cache)

@@ -92,11 +92,13 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
-def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, seed0: int, batch: int, ref: str = "fashion-mnist-train", *, work_root: Path | None = None, progress: bool = False) -> Callable[[float], float]:
+def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, seed0: int, batch: int, ref: str = "fashion-mnist-train", *, work_root: Path | None = None, progress: bool = False, device: Any = "cpu") -> Callable[[float], float]:
     """b -> FID of ``num`` uniform-ES samples (seeds from ``seed0``), classifier features.
 
     With ``work_root``, each b samples into its own work directory below it (finished batches
     survive a kill and are reused by a rerun) that is removed once the FID is computed.
+    ``device`` is where the noise is drawn and the features run; ``model`` must already be there.
+    A seed's noise depends on the device's generator, so CUDA and CPU samples differ.
     """
     import shutil
 
@@ -105,12 +107,12 @@ def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, s
     from .metrics import compute_fid, feature_stats, get_extractor, reference_stats
     from .scaling import eps_scaling
 
-    ext = get_extractor("fmnist")
+    ext = get_extractor("fmnist", device=device)
     ref_stats = reference_stats(ext, ref)
 
     def evaluate(b: float) -> float:
         work = None if work_root is None else work_root / f"{sampler}-{len(sigmas) - 1}-{b!r}-{num}-{seed0}"
-        images, _ = sample_seeds(eps_scaling(model.denoiser, b, sigmas=sigmas), range(seed0, seed0 + num), model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts, work_dir=work, job_meta={"model": "fmnist", "lam": b} if work else None, progress=progress)
+        images, _ = sample_seeds(eps_scaling(model.denoiser, b, sigmas=sigmas), range(seed0, seed0 + num), model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts, work_dir=work, job_meta={"model": "fmnist", "lam": b} if work else None, progress=progress, device=device)
         fid = compute_fid(feature_stats(images, ext), ref_stats)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)

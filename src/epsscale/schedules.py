@@ -177,12 +177,13 @@ class VPSchedule:
 
     def sigma(self, t: torch.Tensor | int) -> torch.Tensor:
         """sigma of integer timestep(s) t."""
-        return self.sigmas[torch.as_tensor(t, dtype=torch.long)]
+        t = torch.as_tensor(t, dtype=torch.long)
+        return self.sigmas.to(t.device)[t]
 
     def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """Nearest integer timestep for sigma (nearest in log sigma). Exact on the table."""
         s = torch.as_tensor(sigma, dtype=torch.float64)
-        log_table = self.sigmas.log()
+        log_table = self.sigmas.to(s.device).log()
         idx = torch.searchsorted(log_table, s.log().clamp(log_table[0], log_table[-1]))
         idx = idx.clamp(1, len(log_table) - 1)
         lo, hi = log_table[idx - 1], log_table[idx]
@@ -191,7 +192,7 @@ class VPSchedule:
 
     def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """Snap sigma onto the schedule's own table (EDM's ``round_sigma`` for discrete nets)."""
-        return self.sigmas[self.timestep(sigma)]
+        return self.sigma(self.timestep(sigma))
 
     def respace(self, spec: str | int | Sequence[int]) -> list[int]:
         """Kept timesteps (ascending) for a guided-diffusion respacing spec."""

@@ -1,0 +1,92 @@
+"""The shipped model on a GPU: schedules, samplers, ES, seeded sampling and FID on CUDA.
+
+Skipped without CUDA (CI has none). Run them on a GPU machine before a GPU benchmark:
+``python -m pytest -q tests/test_cuda.py``. TF32 is switched off so CUDA and CPU agree to
+float32 rounding.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(scope="module")
+def models():
+    from epsscale.models.pretrained import load_model
+
+    return load_model("fmnist"), load_model("fmnist", device="cuda")
+
+
+def test_schedule_lookups_follow_the_device(models):
+    sched = models[0].schedule
+    s = torch.tensor([0.01, 0.5, 3.0, 150.0], dtype=torch.float64)
+    t_cpu, t_gpu = sched.timestep(s), sched.timestep(s.cuda())
+    assert t_gpu.device.type == "cuda"
+    assert torch.equal(t_cpu, t_gpu.cpu())
+    assert torch.equal(sched.round_sigma(s), sched.round_sigma(s.cuda()).cpu())
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun"])
+@pytest.mark.parametrize("lam", [1.0, 1.01])
+def test_deterministic_samplers_agree_with_cpu(models, sampler, lam):
+    from epsscale.cli import make_grid
+    from epsscale.demo import demo_discretisation, demo_sampler_options
+    from epsscale.samplers import SAMPLERS
+    from epsscale.scaling import eps_scaling
+
+    out = []
+    x = torch.randn((4, *models[0].shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for m, dev in zip(models, ("cpu", "cuda")):
+        sigmas = make_grid(m, sampler, 5, *demo_discretisation(sampler))
+        den = eps_scaling(m.denoiser, lam, sigmas=sigmas)
+        with torch.no_grad():
+            out.append(SAMPLERS[sampler](den, (x * sigmas[0]).to(dev), sigmas, **demo_sampler_options(sampler)).cpu())
+    assert torch.allclose(out[0], out[1], atol=2e-3), (out[0] - out[1]).abs().max()
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_seeded_sampling_and_fid_on_cuda(models, sampler):
+    from epsscale.cli import make_grid
+    from epsscale.cli_exposure import fid_evaluator
+    from epsscale.data.fashion_mnist import from_model_space
+    from epsscale.demo import demo_discretisation, demo_sampler_options
+    from epsscale.distributed import sample_seeds
+    from epsscale.scaling import PerSigma, eps_scaling
+
+    m = models[1]
+    sigmas = make_grid(m, sampler, 4, *demo_discretisation(sampler))
+    sched = PerSigma(sigmas[:-1].tolist(), [1.0, 1.005, 1.01, 1.02][: len(sigmas) - 1])
+    kw = dict(sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), prior_kind="vp", sampler_opts=demo_sampler_options(sampler), device="cuda")
+    a, _ = sample_seeds(eps_scaling(m.denoiser, sched, sigmas=sigmas), range(10), m.shape, batch_size=10, **kw)
+    b, _ = sample_seeds(eps_scaling(m.denoiser, sched, sigmas=sigmas), range(10), m.shape, batch_size=3, **kw)
+    assert a.shape == (10, 28, 28, 1) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)  # batch-size invariance holds on the GPU too
+    fid = fid_evaluator(m, sampler, sigmas, demo_sampler_options(sampler), 16, 0, 8, "fashion-mnist-train", device="cuda")(1.01)
+    assert np.isfinite(fid) and fid > 0
+
+
+def test_quality_benchmark_runs_on_cuda(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--device", "cuda", "--samplers", "ddim", "--steps", "2",
+           "--num", "16", "--tune-num", "16", "--tune-points", "3", "--cache", str(tmp_path / "c.json"), "--tune-dir", str(tmp_path / "t")]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
+    assert len(list((tmp_path / "t").glob("*.json"))) == 1
+    assert "ddim|ddim|2|1|16|0|fashion-mnist-test" in (tmp_path / "c.json").read_text()
