@@ -61,7 +61,8 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     """FID grid over uniform b on tuning seeds (train split), cached per (sampler, steps, num).
 
     When the best b is an end of the grid the grid grows past that end, one spacing at a time
-    (at most ``max_extend`` points), until the minimum is inside it.
+    (at most ``max_extend`` points), until the minimum is inside it. Returns the last search's
+    result and how many grid points were newly evaluated in all.
     """
     from epsscale.cli_exposure import TUNING_SEED0
     from epsscale.exposure import fid_search
@@ -71,6 +72,7 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     cache = tune_dir / f"{sampler}_{steps}_{num}.json"
     key = {"sampler": sampler, "steps": steps, "num": num}
     res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
+    new = res.new_evaluations
     # A minimum on the edge of the grid is not a minimum: extend by one spacing at a time.
     step = (hi - lo) / (points - 1)
     for _ in range(max_extend):
@@ -79,7 +81,8 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
         lo, hi = (lo - step, hi) if res.best_b == lo else (lo, hi + step)
         points += 1
         res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
-    return res
+        new += res.new_evaluations
+    return res, new
 
 
 def tuned(tune_dir: Path) -> dict[tuple[str, int], tuple[float, list]]:
@@ -180,8 +183,8 @@ def main() -> None:
     # Steps outer, so the short (cheap) settings of every sampler finish first.
     for steps in [int(s) for s in args.steps.split(",")]:
         for sampler in args.samplers.split(","):
-            res = tune(model, sampler, steps, args.tune_lo, args.tune_hi, args.tune_points, args.tune_num, args.batch, tune_dir, device=args.device)
-            print(f"tuned {sampler} {steps}: b = {res.best_b:g} ({res.new_evaluations} new grid points)", flush=True)
+            res, new = tune(model, sampler, steps, args.tune_lo, args.tune_hi, args.tune_points, args.tune_num, args.batch, tune_dir, device=args.device)
+            print(f"tuned {sampler} {steps}: b = {res.best_b:g} ({new} new grid points)", flush=True)
             for lam in dict.fromkeys([1.0, res.best_b]):
                 key = point_key(sampler, steps, lam, args.num, args.seed0, args.ref)
                 if key in load_cache(cache_path):
