@@ -31,9 +31,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from epsscale.cli import make_grid
-    from epsscale.data.fashion_mnist import from_model_space, load_fashion_mnist
-    from epsscale.demo import demo_discretisation, demo_sampler_options
-    from epsscale.distributed import sample_seeds
+    from epsscale.data.fashion_mnist import load_fashion_mnist
+    from epsscale.demo import demo_discretisation, demo_sampler_options, sample_images
     from epsscale.models.pretrained import load_model
 
     model = load_model("fmnist")
@@ -43,7 +42,7 @@ def main() -> None:
         sampler, steps = run.split(":")
         sigmas = make_grid(model, sampler, int(steps), *demo_discretisation(sampler))
         t0 = time.time()
-        images, _ = sample_seeds(model.denoiser, range(args.num), model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=args.num, prior_kind="vp", sampler_opts=demo_sampler_options(sampler))
+        images = sample_images(model, sampler, sigmas, 1.0, range(args.num), batch=args.num, opts=demo_sampler_options(sampler))
         rows.append((sampler, steps, *stats(images, args.black), f"{time.time() - t0:.0f}"))
     print(f"{args.num} samples per row (seeds 0..{args.num - 1}), λ = 1, black = pixel <= {args.black}/255\n")
     print("| sampler | steps | mean intensity | black pixels | seconds |")

@@ -67,17 +67,13 @@ def test_deterministic_samplers_agree_with_cpu(models, sampler, lam):
 def test_seeded_sampling_and_fid_on_cuda(models, sampler):
     from epsscale.cli import make_grid
     from epsscale.cli_exposure import fid_evaluator
-    from epsscale.data.fashion_mnist import from_model_space
-    from epsscale.demo import demo_discretisation, demo_sampler_options
-    from epsscale.distributed import sample_seeds
-    from epsscale.scaling import PerSigma, eps_scaling
+    from epsscale.demo import demo_discretisation, demo_sampler_options, sample_images
+    from epsscale.scaling import PerSigma
 
     m = models[1]
     sigmas = make_grid(m, sampler, 4, *demo_discretisation(sampler))
     sched = PerSigma(sigmas[:-1].tolist(), [1.0, 1.005, 1.01, 1.02][: len(sigmas) - 1])
-    kw = dict(sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), prior_kind="vp", sampler_opts=demo_sampler_options(sampler), device="cuda")
-    a, _ = sample_seeds(eps_scaling(m.denoiser, sched, sigmas=sigmas), range(10), m.shape, batch_size=10, **kw)
-    b, _ = sample_seeds(eps_scaling(m.denoiser, sched, sigmas=sigmas), range(10), m.shape, batch_size=3, **kw)
+    a, b = (sample_images(m, sampler, sigmas, sched, range(10), batch=n, opts=demo_sampler_options(sampler), device="cuda") for n in (10, 3))
     assert a.shape == (10, 28, 28, 1) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)  # batch-size invariance holds on the GPU too
     fid = fid_evaluator(m, sampler, sigmas, demo_sampler_options(sampler), 16, 0, 8, "fashion-mnist-train", device="cuda")(1.01)

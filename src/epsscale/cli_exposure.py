@@ -102,17 +102,15 @@ def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, s
     """
     import shutil
 
-    from .data.fashion_mnist import from_model_space
-    from .distributed import sample_seeds
+    from .demo import sample_images
     from .metrics import compute_fid, feature_stats, get_extractor, reference_stats
-    from .scaling import eps_scaling
 
     ext = get_extractor("fmnist", device=device)
     ref_stats = reference_stats(ext, ref)
 
     def evaluate(b: float) -> float:
         work = None if work_root is None else work_root / f"{sampler}-{len(sigmas) - 1}-{b!r}-{num}-{seed0}"
-        images, _ = sample_seeds(eps_scaling(model.denoiser, b, sigmas=sigmas), range(seed0, seed0 + num), model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts, work_dir=work, job_meta={"model": "fmnist", "lam": b} if work else None, progress=progress, device=device)
+        images = sample_images(model, sampler, sigmas, b, range(seed0, seed0 + num), batch=batch, opts=opts, work_dir=work, job_meta={"model": "fmnist", "lam": b} if work else None, progress=progress, device=device)
         fid = compute_fid(feature_stats(images, ext), ref_stats)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)

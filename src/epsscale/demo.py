@@ -22,7 +22,7 @@ import torch
 
 from ._atomic import atomic_write, atomic_write_text
 
-__all__ = ["fmnist_demo", "toy_demo", "DEMO_SETTINGS", "demo_discretisation", "demo_sampler_options"]
+__all__ = ["fmnist_demo", "toy_demo", "DEMO_SETTINGS", "demo_discretisation", "demo_sampler_options", "sample_images"]
 
 # (label, sampler, discretisation, steps, sigma_max of a karras grid). DDIM takes guided-diffusion's
 # "ddimN" integer stride (t <= 950) and Euler a Karras grid topped at sigma 13 (about t = 950):
@@ -47,6 +47,19 @@ def demo_sampler_options(sampler: str) -> dict:
     return {"clip": 1.0} if sampler in ("ddpm", "ddim") else {}
 
 
+def sample_images(model: Any, sampler: str, sigmas: torch.Tensor, lam: Any, seeds: Any, *, batch: int, opts: dict | None = None, **kw: Any) -> np.ndarray:
+    """uint8 28×28 NHWC samples of a loaded Fashion-MNIST model, one per seed, with ES ``lam``.
+
+    ``kw`` goes to :func:`epsscale.distributed.sample_seeds` (``work_dir``, ``progress``, ``device``...).
+    """
+    from .data.fashion_mnist import from_model_space
+    from .distributed import sample_seeds
+    from .scaling import eps_scaling
+
+    images, _ = sample_seeds(eps_scaling(model.denoiser, lam, sigmas=sigmas), seeds, model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts, **kw)
+    return images
+
+
 def shipped_lambdas() -> dict[str, float]:
     """The uniform ES lambda per sampler chosen for the shipped model (see the file's provenance)."""
     if not ES_FILE.exists():
@@ -57,11 +70,8 @@ def shipped_lambdas() -> dict[str, float]:
 
 def fmnist_demo(out: Path, *, num: int | None = None, batch: int = 250, seed0: int = 0) -> int:
     from .cli import make_grid
-    from .data.fashion_mnist import from_model_space
-    from .distributed import sample_seeds
     from .metrics import compute_fid, feature_stats, get_extractor, reference_stats
     from .models.pretrained import load_model
-    from .scaling import eps_scaling
 
     num = num or 300  # about 3 minutes on this project's 2-core CPU
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +87,7 @@ def fmnist_demo(out: Path, *, num: int | None = None, batch: int = 250, seed0: i
         opts = demo_sampler_options(sampler)
         for lam in dict.fromkeys((1.0, lams[sampler])):  # one row when the tuned lambda is 1
             t0 = time.time()
-            images, _ = sample_seeds(eps_scaling(model.denoiser, lam, sigmas=sigmas), seeds, model.shape, sampler=sampler, sigmas=sigmas, to_uint8=lambda x: from_model_space(x, 28), batch_size=batch, prior_kind="vp", sampler_opts=opts, progress=True)
+            images = sample_images(model, sampler, sigmas, lam, seeds, batch=batch, opts=opts, progress=True)
             stats = feature_stats(images, ext)
             row = {"sampler": label, "steps": steps, "grid": grid_kind, "lambda": lam, "fid_train": compute_fid(stats, refs["train"]), "fid_test": compute_fid(stats, refs["test"]), "seconds": round(time.time() - t0, 1)}
             rows.append(row)
