@@ -82,3 +82,20 @@ def test_bad_schedule_json_is_one_line(tmp_path, capsys):
 def test_subprocess_error_has_no_traceback(tmp_path):
     p = run_cli("sample", "--model", "toy", "--eps-scale", "0", "--out", str(tmp_path / "x.npz"))
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_karras_grid_top_defaults_to_the_model_config():
+    """--disc karras without --sigma-max starts at the shipped model's recommended sigma (its config's
+    sampling.karras_sigma_max), an explicit value wins, and a model without one gets EDM's 80."""
+    from types import SimpleNamespace
+
+    from epsscale.cli import make_grid
+    from epsscale.models.pretrained import load_model
+
+    m = load_model("fmnist")
+    assert m.config["sampling"]["karras_sigma_max"] == 25.0
+    assert float(make_grid(m, "heun", 6, "karras")[0]) == pytest.approx(25.0)
+    assert float(make_grid(m, "heun", 6, "karras", 13.0)[0]) == pytest.approx(13.0)
+    bare = SimpleNamespace(schedule=m.schedule, config={})
+    assert float(make_grid(bare, "heun", 6, "karras")[0]) == pytest.approx(80.0)
+    assert float(make_grid(bare, "heun", 6, "karras", 1e9)[0]) == pytest.approx(float(m.schedule.sigma_max))

@@ -121,7 +121,8 @@ def _lam_from_args(args: argparse.Namespace) -> Any:
 def make_grid(model: Any, sampler: str, steps: int, kind: str = "respaced", sigma_max: float | None = None) -> Any:
     """The sigma grid a sampler runs on for a discrete VP model (see README: grids).
 
-    ``karras`` spans [max(0.002, sigma_min of the model), min(sigma_max or 80, its sigma_max)].
+    ``karras`` spans [max(0.002, sigma_min of the model), min(top, its sigma_max)], where top is
+    ``sigma_max``, else the model config's ``sampling.karras_sigma_max``, else EDM's 80.
     """
     from .schedules import sigmas_karras
 
@@ -130,7 +131,9 @@ def make_grid(model: Any, sampler: str, steps: int, kind: str = "respaced", sigm
     if kind == "ddim":
         return model.schedule.grid(f"ddim{steps}")
     if kind == "karras":
-        top = min(80.0 if sigma_max is None else sigma_max, model.schedule.sigma_max)
+        if sigma_max is None:
+            sigma_max = float(getattr(model, "config", {}).get("sampling", {}).get("karras_sigma_max", 80.0))
+        top = min(sigma_max, model.schedule.sigma_max)
         return sigmas_karras(steps, sigma_min=max(0.002, model.schedule.sigma_min), sigma_max=top)
     raise UserError(f"unknown grid {kind!r}: expected respaced, ddim or karras")
 
@@ -155,7 +158,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = 20
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eps-scale", type=lam_float, default=None, metavar="B", help="uniform Epsilon Scaling lambda (1 = off)")
     g.add_argument("--eps-schedule", default=None, metavar="FILE", help="schedule JSON (from epsscale calibrate)")
-    p.add_argument("--sigma-max", type=nonneg_float, default=None, help="top of the karras grid (default 80, capped at the model's)")
+    p.add_argument("--sigma-max", type=nonneg_float, default=None, help="top of the karras grid (default: the model config's sampling.karras_sigma_max, 25 for fmnist; else 80), capped at the model's")
     p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM stochasticity")
     p.add_argument("--clip", type=nonneg_float, default=1.0, help="clip x0 to [-c, c] for ddpm/ddim (ADM: 1)")
     p.add_argument("--no-clip", dest="clip", action="store_const", const=None)
