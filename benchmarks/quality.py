@@ -85,13 +85,18 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     return res, new
 
 
-def tuned(tune_dir: Path) -> dict[tuple[str, int], tuple[float, list]]:
-    """(sampler, steps) -> (best b, [(b, FID), ...]) from the tuning caches on disk."""
+def tuned(tune_dir: Path) -> dict[tuple[str, int], tuple[float | None, list]]:
+    """(sampler, steps) -> (best b, [(b, FID), ...]) from the tuning caches on disk.
+
+    best b is None while the tuning is unfinished: its minimum is still at an end of the grid
+    (the rule :func:`tune` extends by).
+    """
     out = {}
     for f in sorted(tune_dir.glob("*.json")):
         d = json.loads(f.read_text())
         pts = sorted((float(b), float(v)) for b, v in d["points"])
-        out[(d["key"]["sampler"], int(d["key"]["steps"]))] = (min(pts, key=lambda p: (p[1], p[0]))[0], pts)
+        best = min(pts, key=lambda p: (p[1], p[0]))[0]
+        out[(d["key"]["sampler"], int(d["key"]["steps"]))] = (best if pts[0][0] < best < pts[-1][0] else None, pts)
     return out
 
 
@@ -102,7 +107,7 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
     rows = []
     for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(SAMPLERS).index(kv[0][0]), kv[0][1])):
         base = cache.get(point_key(sampler, steps, 1.0, num, seed0, ref))
-        es = cache.get(point_key(sampler, steps, best, num, seed0, ref))
+        es = cache.get(point_key(sampler, steps, best, num, seed0, ref)) if best is not None else None
         rows.append((sampler, steps, best, base, es))
     print(f"Held-out FID, {num} samples (seeds {seed0}..{seed0 + num - 1}) against {ref}; b tuned on other seeds.\n")
     print("| sampler | steps | NFE | tuned b | FID λ = 1 | FID at b | change |")
@@ -110,14 +115,15 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
     for sampler, steps, best, base, es in rows:
         f = lambda r: f"{r['fid']:.2f}" if r else "not run"
         change = f"{100 * (es['fid'] / base['fid'] - 1):+.1f}%" if base and es else ("0 (b = 1)" if best == 1.0 and base else "")
-        print(f"| {sampler} | {steps} | {nfe(sampler, steps)} | {best:g} | {f(base)} | {f(es) if best != 1.0 else f(base)} | {change} |")
+        b = "tuning unfinished" if best is None else f"{best:g}"
+        print(f"| {sampler} | {steps} | {nfe(sampler, steps)} | {b} | {f(base)} | {f(es) if best != 1.0 else f(base)} | {change} |")
     print("\nTuning grids (FID at b, tuning seeds, train split):\n")
     bs = sorted({round(b, 6) for _, pts in grids.values() for b, _ in pts})
     print("| sampler | steps | " + " | ".join(f"{b:g}" for b in bs) + " |")
     print("|---|---|" + "---|" * len(bs))
     for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(SAMPLERS).index(kv[0][0]), kv[0][1])):
         d = {round(b, 6): v for b, v in pts}
-        cells = [("**%.2f**" if abs(b - best) < 1e-9 else "%.2f") % d[b] if b in d else "" for b in bs]
+        cells = [("**%.2f**" if best is not None and abs(b - best) < 1e-9 else "%.2f") % d[b] if b in d else "" for b in bs]
         print(f"| {sampler} | {steps} | " + " | ".join(cells) + " |")
     if out_png:
         import matplotlib
