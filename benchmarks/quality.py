@@ -2,7 +2,7 @@
 
 Protocol, per (sampler, steps):
 
-1. *Tune*: a small FID grid over uniform b (``--lams``) with ``--tune-num`` samples on tuning seeds
+1. *Tune*: a small FID grid over uniform b (``--tune-lo``..``--tune-hi``, ``--tune-points``) with ``--tune-num`` samples on tuning seeds
    1,000,000.. against the Fashion-MNIST *train* split (the protocol of
    ``benchmarks/calibration.py``; each grid is cached in ``--tune-dir`` and resumes).
 2. *Evaluate*: λ = 1 and the tuned b on ``--num`` held-out seeds (0..) against the *test* split,
@@ -11,6 +11,7 @@ Protocol, per (sampler, steps):
 
     python benchmarks/quality.py --samplers ddpm,ddim,euler,heun --steps 10,20,50,100 --num 5000
     python benchmarks/quality.py --report          # tables + benchmarks/quality.png
+    python benchmarks/quality.py --report --write-results   # ... and the tables into RESULTS.md
 
 FID uses the project's Fashion-MNIST classifier features.
 """
@@ -100,32 +101,50 @@ def tuned(tune_dir: Path) -> dict[tuple[str, int], tuple[float | None, list]]:
     return out
 
 
-def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png: Path | None) -> None:
+TABLES_BEGIN = "<!-- quality.py --report: begin -->"
+TABLES_END = "<!-- quality.py --report: end -->"
+
+
+def write_tables(results: Path, tables: str) -> None:
+    """Replace the text between the report markers in ``results`` with ``tables``."""
+    text = results.read_text()
+    head, sep, rest = text.partition(TABLES_BEGIN)
+    _, sep2, tail = rest.partition(TABLES_END)
+    if not sep or not sep2:
+        raise SystemExit(f"error: {results} has no '{TABLES_BEGIN}' ... '{TABLES_END}' markers")
+    atomic_write_text(results, f"{head}{TABLES_BEGIN}\n{tables.strip()}\n{TABLES_END}{tail}")
+
+
+def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png: Path | None) -> str:
+    """The Markdown tables (held-out FIDs, tuning grids); also draws ``out_png`` when given."""
     from epsscale.samplers import nfe
 
+    lines = []
+    emit = lines.append
     grids = tuned(tune_dir)
     rows = []
     for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(SAMPLERS).index(kv[0][0]), kv[0][1])):
         base = cache.get(point_key(sampler, steps, 1.0, num, seed0, ref))
         es = cache.get(point_key(sampler, steps, best, num, seed0, ref)) if best is not None else None
         rows.append((sampler, steps, best, base, es))
-    print(f"Held-out FID, {num} samples (seeds {seed0}..{seed0 + num - 1}) against {ref}; b tuned on other seeds.\n")
-    print("| sampler | steps | NFE | tuned b | FID λ = 1 | FID at b | change |")
-    print("|---|---|---|---|---|---|---|")
+    emit(f"Held-out FID, {num} samples (seeds {seed0}..{seed0 + num - 1}) against {ref}; b tuned on other seeds.\n")
+    emit("| sampler | steps | NFE | tuned b | FID λ = 1 | FID at b | change |")
+    emit("|---|---|---|---|---|---|---|")
     for sampler, steps, best, base, es in rows:
         f = lambda r: f"{r['fid']:.2f}" if r else "not run"
         change = f"{100 * (es['fid'] / base['fid'] - 1):+.1f}%" if base and es else ("0 (b = 1)" if best == 1.0 and base else "")
         b = "tuning unfinished" if best is None else f"{best:g}"
-        print(f"| {sampler} | {steps} | {nfe(sampler, steps)} | {b} | {f(base)} | {f(es) if best != 1.0 else f(base)} | {change} |")
-    print("\nTuning grids (FID at b, tuning seeds, train split):\n")
+        emit(f"| {sampler} | {steps} | {nfe(sampler, steps)} | {b} | {f(base)} | {f(es) if best != 1.0 else f(base)} | {change} |")
+    emit("\nTuning grids (FID at b, tuning seeds, train split):\n")
     bs = sorted({round(b, 6) for _, pts in grids.values() for b, _ in pts})
-    print("| sampler | steps | " + " | ".join(f"{b:g}" for b in bs) + " |")
-    print("|---|---|" + "---|" * len(bs))
+    emit("| sampler | steps | " + " | ".join(f"{b:g}" for b in bs) + " |")
+    emit("|---|---|" + "---|" * len(bs))
     for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(SAMPLERS).index(kv[0][0]), kv[0][1])):
         d = {round(b, 6): v for b, v in pts}
         cells = [("**%.2f**" if best is not None and abs(b - best) < 1e-9 else "%.2f") % d[b] if b in d else "" for b in bs]
-        print(f"| {sampler} | {steps} | " + " | ".join(cells) + " |")
+        emit(f"| {sampler} | {steps} | " + " | ".join(cells) + " |")
     if out_png:
+        emit(f"\n![quality]({out_png.name})")
         import matplotlib
 
         matplotlib.use("Agg")
@@ -150,7 +169,7 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
             ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out_png, dpi=110)
-        print(f"\nplot: {out_png}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -170,6 +189,7 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="default benchmarks/quality_cache.json (with --device cuda: quality_cache_cuda.json)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda; a seed's noise differs between them, so each keeps its own caches")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--write-results", nargs="?", const="benchmarks/RESULTS.md", default=None, help="with --report: also put the tables into this file, between its report markers")
     ap.add_argument("--plot", default=None, help="default benchmarks/quality.png (with --device cuda: quality_cuda.png)")
     args = ap.parse_args()
     suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
@@ -177,7 +197,11 @@ def main() -> None:
     tune_dir = Path(args.tune_dir or f"benchmarks/quality_tune{suffix}")
     args.plot = f"benchmarks/quality{suffix}.png" if args.plot is None else args.plot
     if args.report:
-        report(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref, Path(args.plot) if args.plot else None)
+        tables = report(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref, Path(args.plot) if args.plot else None)
+        print(tables)
+        if args.write_results:
+            write_tables(Path(args.write_results), tables)
+            print(f"\ntables written into {args.write_results}")
         return
     torch.set_num_threads(args.threads)
     # Full float32 on a GPU too (no TF32), so its numbers differ from the CPU's only by the noise.

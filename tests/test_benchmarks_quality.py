@@ -1,0 +1,59 @@
+"""benchmarks/quality.py's bookkeeping: which grids count as tuned, and the report written into RESULTS.md."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_grid(tune_dir: Path, sampler: str, steps: int, points) -> None:
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    d = {"format": "epsscale.fid_search/1", "key": {"sampler": sampler, "steps": steps, "num": 500}, "points": [list(p) for p in points]}
+    (tune_dir / f"{sampler}_{steps}_500.json").write_text(json.dumps(d))
+
+
+def test_a_grid_whose_minimum_is_at_an_end_is_unfinished(quality, tmp_path):
+    write_grid(tmp_path, "ddim", 100, [(0.99, 184.8), (0.995, 176.0), (1.0, 169.8)])
+    write_grid(tmp_path, "ddim", 20, [(0.99, 236.3), (1.0, 218.4), (1.01, 212.9), (1.02, 223.1)])
+    grids = quality.tuned(tmp_path)
+    assert grids[("ddim", 100)][0] is None
+    assert grids[("ddim", 20)][0] == 1.01
+
+
+def test_report_rows_and_change(quality, tmp_path):
+    write_grid(tmp_path, "ddim", 20, [(0.99, 236.3), (1.0, 218.4), (1.01, 212.9), (1.02, 223.1)])
+    write_grid(tmp_path, "ddim", 100, [(0.99, 184.8), (1.0, 169.8)])
+    cache = {
+        quality.point_key("ddim", 20, 1.0, 5000, 0, "fashion-mnist-test"): {"fid": 200.0},
+        quality.point_key("ddim", 20, 1.01, 5000, 0, "fashion-mnist-test"): {"fid": 190.0},
+    }
+    text = quality.report(cache, tmp_path, 5000, 0, "fashion-mnist-test", None)
+    assert "| ddim | 20 | 20 | 1.01 | 200.00 | 190.00 | -5.0% |" in text
+    assert "| ddim | 100 | 100 | tuning unfinished | not run | not run |  |" in text
+    assert "**212.90**" in text
+
+
+def test_write_tables_replaces_only_between_markers(quality, tmp_path):
+    f = tmp_path / "RESULTS.md"
+    f.write_text(f"intro\n{quality.TABLES_BEGIN}\nold table\n{quality.TABLES_END}\n\nReading: kept\n")
+    quality.write_tables(f, "| new | table |\n")
+    assert f.read_text() == f"intro\n{quality.TABLES_BEGIN}\n| new | table |\n{quality.TABLES_END}\n\nReading: kept\n"
+
+
+def test_write_tables_without_markers_is_an_error_and_leaves_the_file(quality, tmp_path):
+    f = tmp_path / "RESULTS.md"
+    f.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="markers"):
+        quality.write_tables(f, "| new |")
+    assert f.read_text() == "no markers here\n"
