@@ -12,6 +12,7 @@ Protocol, per (sampler, steps):
     python benchmarks/quality.py --samplers ddpm,ddim,euler,heun --steps 10,20,50,100 --num 5000
     python benchmarks/quality.py --report          # tables + benchmarks/quality.png
     python benchmarks/quality.py --report --write-results   # ... and the tables into RESULTS.md
+    python benchmarks/quality.py --samplers euler,heun --karras-sigma-max 25   # another Karras start, cached apart
 
 FID uses the project's Fashion-MNIST classifier features.
 """
@@ -29,8 +30,22 @@ from epsscale._atomic import atomic_write_text
 from epsscale.demo import demo_discretisation, demo_sampler_options
 from epsscale.samplers import SAMPLERS
 
-def point_key(sampler: str, steps: int, lam: float, num: int, seed0: int, ref: str) -> str:
-    return f"{sampler}|{demo_discretisation(sampler)[0]}|{steps}|{lam:.6g}|{num}|{seed0}|{ref}"
+def discretisation(sampler: str, karras_sigma_max: float | None = None) -> tuple[str, float | None]:
+    """The demo's (grid kind, sigma_max) for ``sampler``; ``karras_sigma_max`` moves the top of a
+    Karras grid (euler, heun), and changes nothing for the VP samplers."""
+    kind, sigma_max = demo_discretisation(sampler)
+    return (kind, karras_sigma_max) if kind == "karras" and karras_sigma_max is not None else (kind, sigma_max)
+
+
+def grid_label(sampler: str, karras_sigma_max: float | None = None) -> str:
+    """Cache label of the grid: the demo's kind name, plus sigma_max where it moved from the demo's."""
+    kind, sigma_max = discretisation(sampler, karras_sigma_max)
+    return kind if sigma_max == demo_discretisation(sampler)[1] else f"{kind}{sigma_max:g}"
+
+
+def point_key(sampler: str, grid: str, steps: int, lam: float, num: int, seed0: int, ref: str) -> str:
+    """Cache key of one held-out evaluation; ``grid`` is :func:`grid_label`'s."""
+    return f"{sampler}|{grid}|{steps}|{lam:.6g}|{num}|{seed0}|{ref}"
 
 
 def load_cache(path: Path) -> dict:
@@ -41,24 +56,26 @@ def save_cache(path: Path, cache: dict) -> None:
     atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
 
 
-def evaluator(model, sampler: str, steps: int, num: int, seed0: int, batch: int, ref: str, work_root: Path | None = None, device: str = "cpu"):
+def evaluator(model, sampler: str, steps: int, num: int, seed0: int, batch: int, ref: str, work_root: Path | None = None, device: str = "cpu", karras_sigma_max: float | None = None):
     """b -> FID of ``num`` samples from seed ``seed0`` on the demo's discretisation (see fid_evaluator)."""
     from epsscale.cli import make_grid
     from epsscale.cli_exposure import fid_evaluator
 
-    sigmas = make_grid(model, sampler, steps, *demo_discretisation(sampler))
+    sigmas = make_grid(model, sampler, steps, *discretisation(sampler, karras_sigma_max))
+    if work_root is not None and grid_label(sampler, karras_sigma_max) != demo_discretisation(sampler)[0]:
+        work_root = work_root / grid_label(sampler, karras_sigma_max)
     return fid_evaluator(model, sampler, sigmas, demo_sampler_options(sampler), num, seed0, batch, ref, work_root=work_root, progress=work_root is not None, device=device)
 
 
-def evaluate(model, sampler: str, steps: int, lam: float, num: int, seed0: int, batch: int, ref: str, work_root: Path, device: str = "cpu") -> dict:
+def evaluate(model, sampler: str, steps: int, lam: float, num: int, seed0: int, batch: int, ref: str, work_root: Path, device: str = "cpu", karras_sigma_max: float | None = None) -> dict:
     from epsscale.samplers import nfe
 
     t0 = time.time()
-    fid = evaluator(model, sampler, steps, num, seed0, batch, ref, work_root, device)(lam)
+    fid = evaluator(model, sampler, steps, num, seed0, batch, ref, work_root, device, karras_sigma_max)(lam)
     return {"fid": fid, "nfe_per_sample": nfe(sampler, steps), "seconds": round(time.time() - t0, 1)}
 
 
-def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num: int, batch: int, tune_dir: Path, max_extend: int = 8, device: str = "cpu"):
+def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num: int, batch: int, tune_dir: Path, max_extend: int = 8, device: str = "cpu", karras_sigma_max: float | None = None):
     """FID grid over uniform b on tuning seeds (train split), cached per (sampler, steps, num).
 
     When the best b is an end of the grid the grid grows past that end, one spacing at a time
@@ -68,10 +85,12 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     from epsscale.cli_exposure import TUNING_SEED0
     from epsscale.exposure import fid_search
 
-    evaluate = evaluator(model, sampler, steps, num, TUNING_SEED0, batch, "fashion-mnist-train", device=device)
+    evaluate = evaluator(model, sampler, steps, num, TUNING_SEED0, batch, "fashion-mnist-train", device=device, karras_sigma_max=karras_sigma_max)
     tune_dir.mkdir(parents=True, exist_ok=True)
-    cache = tune_dir / f"{sampler}_{steps}_{num}.json"
-    key = {"sampler": sampler, "steps": steps, "num": num}
+    label = grid_label(sampler, karras_sigma_max)
+    moved = label != demo_discretisation(sampler)[0]
+    cache = tune_dir / (f"{sampler}_{label}_{steps}_{num}.json" if moved else f"{sampler}_{steps}_{num}.json")
+    key = {"sampler": sampler, "steps": steps, "num": num, **({"grid": label} if moved else {})}
     res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
     new = res.new_evaluations
     # A minimum on the edge of the grid is not a minimum: extend by one spacing at a time.
@@ -86,8 +105,8 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     return res, new
 
 
-def tuned(tune_dir: Path) -> dict[tuple[str, int], tuple[float | None, list]]:
-    """(sampler, steps) -> (best b, [(b, FID), ...]) from the tuning caches on disk.
+def tuned(tune_dir: Path) -> dict[tuple[str, str, int], tuple[float | None, list]]:
+    """(sampler, grid label, steps) -> (best b, [(b, FID), ...]) from the tuning caches on disk.
 
     best b is None while the tuning is unfinished: its minimum is still at an end of the grid
     (the rule :func:`tune` extends by).
@@ -95,10 +114,21 @@ def tuned(tune_dir: Path) -> dict[tuple[str, int], tuple[float | None, list]]:
     out = {}
     for f in sorted(tune_dir.glob("*.json")):
         d = json.loads(f.read_text())
+        sampler = d["key"]["sampler"]
         pts = sorted((float(b), float(v)) for b, v in d["points"])
         best = min(pts, key=lambda p: (p[1], p[0]))[0]
-        out[(d["key"]["sampler"], int(d["key"]["steps"]))] = (best if pts[0][0] < best < pts[-1][0] else None, pts)
+        grid = d["key"].get("grid") or demo_discretisation(sampler)[0]
+        out[(sampler, grid, int(d["key"]["steps"]))] = (best if pts[0][0] < best < pts[-1][0] else None, pts)
     return out
+
+
+def _row_order(item) -> tuple:
+    (sampler, grid, steps), _ = item
+    return (list(SAMPLERS).index(sampler), grid != demo_discretisation(sampler)[0], grid, steps)
+
+
+def _row_name(sampler: str, grid: str) -> str:
+    return sampler if grid == demo_discretisation(sampler)[0] else f"{sampler} ({grid})"
 
 
 TABLES_BEGIN = "<!-- quality.py --report: begin -->"
@@ -123,26 +153,26 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
     emit = lines.append
     grids = tuned(tune_dir)
     rows = []
-    for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(SAMPLERS).index(kv[0][0]), kv[0][1])):
-        base = cache.get(point_key(sampler, steps, 1.0, num, seed0, ref))
-        es = cache.get(point_key(sampler, steps, best, num, seed0, ref)) if best is not None else None
-        rows.append((sampler, steps, best, base, es))
+    for (sampler, grid, steps), (best, pts) in sorted(grids.items(), key=_row_order):
+        base = cache.get(point_key(sampler, grid, steps, 1.0, num, seed0, ref))
+        es = cache.get(point_key(sampler, grid, steps, best, num, seed0, ref)) if best is not None else None
+        rows.append((_row_name(sampler, grid), sampler, steps, best, base, es))
     emit(f"Held-out FID, {num} samples (seeds {seed0}..{seed0 + num - 1}) against {ref}; b tuned on other seeds.\n")
     emit("| sampler | steps | NFE | tuned b | FID λ = 1 | FID at b | change |")
     emit("|---|---|---|---|---|---|---|")
-    for sampler, steps, best, base, es in rows:
+    for name, sampler, steps, best, base, es in rows:
         f = lambda r: f"{r['fid']:.2f}" if r else "not run"
         change = f"{100 * (es['fid'] / base['fid'] - 1):+.1f}%" if base and es else ("0 (b = 1)" if best == 1.0 and base else "")
         b = "tuning unfinished" if best is None else f"{best:g}"
-        emit(f"| {sampler} | {steps} | {nfe(sampler, steps)} | {b} | {f(base)} | {f(es) if best != 1.0 else f(base)} | {change} |")
+        emit(f"| {name} | {steps} | {nfe(sampler, steps)} | {b} | {f(base)} | {f(es) if best != 1.0 else f(base)} | {change} |")
     emit("\nTuning grids (FID at b, tuning seeds, train split):\n")
     bs = sorted({round(b, 6) for _, pts in grids.values() for b, _ in pts})
     emit("| sampler | steps | " + " | ".join(f"{b:g}" for b in bs) + " |")
     emit("|---|---|" + "---|" * len(bs))
-    for (sampler, steps), (best, pts) in sorted(grids.items(), key=lambda kv: (list(SAMPLERS).index(kv[0][0]), kv[0][1])):
+    for (sampler, grid, steps), (best, pts) in sorted(grids.items(), key=_row_order):
         d = {round(b, 6): v for b, v in pts}
         cells = [("**%.2f**" if best is not None and abs(b - best) < 1e-9 else "%.2f") % d[b] if b in d else "" for b in bs]
-        emit(f"| {sampler} | {steps} | " + " | ".join(cells) + " |")
+        emit(f"| {_row_name(sampler, grid)} | {steps} | " + " | ".join(cells) + " |")
     if out_png:
         emit(f"\n![quality]({out_png.name})")
         import matplotlib
@@ -151,14 +181,14 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for sampler in SAMPLERS:
-            pts = [(st, base["fid"], es["fid"] if es else base["fid"]) for s_, st, b, base, es in rows if s_ == sampler and base and (es or b == 1.0)]
+        for name in dict.fromkeys(r[0] for r in rows):
+            pts = [(st, base["fid"], es["fid"] if es else base["fid"]) for n, _, st, b, base, es in rows if n == name and base and (es or b == 1.0)]
             if not pts:
                 continue
-            line = axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{sampler}, λ = 1")[0]
-            axes[0].plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls="--", color=line.get_color(), label=f"{sampler}, tuned b")
-        for (sampler, steps), (best, pts) in sorted(grids.items()):
-            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{sampler} {steps}")
+            line = axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name}, λ = 1")[0]
+            axes[0].plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls="--", color=line.get_color(), label=f"{name}, tuned b")
+        for (sampler, grid, steps), (best, pts) in sorted(grids.items(), key=_row_order):
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{_row_name(sampler, grid)} {steps}")
         axes[0].set_xscale("log")
         axes[0].set_xlabel("steps")
         axes[0].set_ylabel(f"FID, {num} held-out samples vs test split")
@@ -184,6 +214,7 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=5000)
     ap.add_argument("--seed0", type=int, default=0)
     ap.add_argument("--batch", type=int, default=125)
+    ap.add_argument("--karras-sigma-max", type=float, default=None, help="top of the Karras grid for euler and heun (default: the demo's 13); cached apart from the demo's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ref", default="fashion-mnist-test")
     ap.add_argument("--cache", default=None, help="default benchmarks/quality_cache.json (with --device cuda: quality_cache_cuda.json)")
@@ -192,6 +223,8 @@ def main() -> None:
     ap.add_argument("--write-results", nargs="?", const="benchmarks/RESULTS.md", default=None, help="with --report: also put the tables into this file, between its report markers")
     ap.add_argument("--plot", default=None, help="default benchmarks/quality.png (with --device cuda: quality_cuda.png)")
     args = ap.parse_args()
+    if args.karras_sigma_max is not None and not 0 < args.karras_sigma_max < float("inf"):
+        ap.error(f"--karras-sigma-max must be a positive number, got {args.karras_sigma_max}")
     suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
     cache_path = Path(args.cache or f"benchmarks/quality_cache{suffix}.json")
     tune_dir = Path(args.tune_dir or f"benchmarks/quality_tune{suffix}")
@@ -213,13 +246,14 @@ def main() -> None:
     # Steps outer, so the short (cheap) settings of every sampler finish first.
     for steps in [int(s) for s in args.steps.split(",")]:
         for sampler in args.samplers.split(","):
-            res, new = tune(model, sampler, steps, args.tune_lo, args.tune_hi, args.tune_points, args.tune_num, args.batch, tune_dir, device=args.device)
-            print(f"tuned {sampler} {steps}: b = {res.best_b:g} ({new} new grid points)", flush=True)
+            sm = args.karras_sigma_max
+            res, new = tune(model, sampler, steps, args.tune_lo, args.tune_hi, args.tune_points, args.tune_num, args.batch, tune_dir, device=args.device, karras_sigma_max=sm)
+            print(f"tuned {sampler} {steps} ({grid_label(sampler, sm)}): b = {res.best_b:g} ({new} new grid points)", flush=True)
             for lam in dict.fromkeys([1.0, res.best_b]):
-                key = point_key(sampler, steps, lam, args.num, args.seed0, args.ref)
+                key = point_key(sampler, grid_label(sampler, sm), steps, lam, args.num, args.seed0, args.ref)
                 if key in load_cache(cache_path):
                     continue
-                out = evaluate(model, sampler, steps, lam, args.num, args.seed0, args.batch, args.ref, work_root, args.device)
+                out = evaluate(model, sampler, steps, lam, args.num, args.seed0, args.batch, args.ref, work_root, args.device, sm)
                 cache = load_cache(cache_path)
                 cache[key] = out
                 save_cache(cache_path, cache)

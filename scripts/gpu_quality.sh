@@ -6,7 +6,8 @@
 #     mkdir -p .gpu_cache && cp ~/.cache/epsscale/fashion-mnist-test-fmnist-*.npz .gpu_cache/
 # Run there, from the repository root, with .gpu_cache carried along:
 #     BUDGET=420 bash scripts/gpu_quality.sh
-# It first runs tests/test_cuda.py, then quality.py --device cuda for at most BUDGET seconds.
+# It first runs tests/test_cuda.py, then quality.py --device cuda for at most BUDGET seconds
+# (STEPS, SAMPLERS, BATCH and SIGMA_MAX, the top of Euler's and Heun's Karras grid, pass through).
 # The caches (benchmarks/quality_cache_cuda.json, benchmarks/quality_tune_cuda/) resume from
 # what is committed; the script packs them into $OUT/quality_cuda.tgz to unpack into benchmarks/.
 set -u
@@ -20,7 +21,7 @@ $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.log" 2
 rc=$?
 tail -3 "$OUT/test_cuda.log"
 [ $rc = 0 ] || { echo "tests/test_cuda.py failed: see $OUT/test_cuda.log"; exit 1; }
-timeout "${BUDGET:-420}" $PY benchmarks/quality.py --device cuda --batch "${BATCH:-1000}" --steps "${STEPS:-10,20,50,100}" --samplers "${SAMPLERS:-ddpm,ddim,euler,heun}" 2>&1 | grep --line-buffered -v "img/s" | tee "$OUT/quality.log"
+timeout "${BUDGET:-420}" $PY benchmarks/quality.py --device cuda --batch "${BATCH:-1000}" --steps "${STEPS:-10,20,50,100}" --samplers "${SAMPLERS:-ddpm,ddim,euler,heun}" ${SIGMA_MAX:+--karras-sigma-max "$SIGMA_MAX"} 2>&1 | grep --line-buffered -v "img/s" | tee "$OUT/quality.log"
 $PY benchmarks/quality.py --report --device cuda --plot "$OUT/quality_cuda.png" > "$OUT/report.md"
 tar -czf "$OUT/quality_cuda.tgz" benchmarks/quality_cache_cuda.json benchmarks/quality_tune_cuda
 cat "$OUT/report.md"

@@ -17,31 +17,51 @@ def quality():
     return mod
 
 
-def write_grid(tune_dir: Path, sampler: str, steps: int, points) -> None:
+def write_grid(tune_dir: Path, sampler: str, steps: int, points, grid: str | None = None) -> None:
     tune_dir.mkdir(parents=True, exist_ok=True)
-    d = {"format": "epsscale.fid_search/1", "key": {"sampler": sampler, "steps": steps, "num": 500}, "points": [list(p) for p in points]}
-    (tune_dir / f"{sampler}_{steps}_500.json").write_text(json.dumps(d))
+    key = {"sampler": sampler, "steps": steps, "num": 500, **({"grid": grid} if grid else {})}
+    d = {"format": "epsscale.fid_search/1", "key": key, "points": [list(p) for p in points]}
+    (tune_dir / f"{sampler}_{grid or ''}_{steps}_500.json").write_text(json.dumps(d))
+
+
+def test_grid_labels_keep_the_demo_keys_and_mark_a_moved_karras_top(quality):
+    assert quality.grid_label("euler") == quality.grid_label("euler", 13.0) == "karras"
+    assert quality.grid_label("heun", 25.0) == "karras25"
+    assert quality.discretisation("heun", 25.0) == ("karras", 25.0)
+    # The VP samplers' grids have no Karras top to move.
+    assert quality.grid_label("ddim", 25.0) == "ddim"
+    assert quality.discretisation("ddpm", 25.0) == quality.discretisation("ddpm")
 
 
 def test_a_grid_whose_minimum_is_at_an_end_is_unfinished(quality, tmp_path):
     write_grid(tmp_path, "ddim", 100, [(0.99, 184.8), (0.995, 176.0), (1.0, 169.8)])
     write_grid(tmp_path, "ddim", 20, [(0.99, 236.3), (1.0, 218.4), (1.01, 212.9), (1.02, 223.1)])
     grids = quality.tuned(tmp_path)
-    assert grids[("ddim", 100)][0] is None
-    assert grids[("ddim", 20)][0] == 1.01
+    assert grids[("ddim", "ddim", 100)][0] is None
+    assert grids[("ddim", "ddim", 20)][0] == 1.01
 
 
 def test_report_rows_and_change(quality, tmp_path):
     write_grid(tmp_path, "ddim", 20, [(0.99, 236.3), (1.0, 218.4), (1.01, 212.9), (1.02, 223.1)])
     write_grid(tmp_path, "ddim", 100, [(0.99, 184.8), (1.0, 169.8)])
+    write_grid(tmp_path, "heun", 20, [(1.0, 181.6), (1.005, 178.7), (1.01, 178.8)])
+    write_grid(tmp_path, "heun", 20, [(1.0, 144.9), (1.005, 143.9), (1.01, 146.8)], grid="karras25")
+    ref = "fashion-mnist-test"
     cache = {
-        quality.point_key("ddim", 20, 1.0, 5000, 0, "fashion-mnist-test"): {"fid": 200.0},
-        quality.point_key("ddim", 20, 1.01, 5000, 0, "fashion-mnist-test"): {"fid": 190.0},
+        quality.point_key("ddim", "ddim", 20, 1.0, 5000, 0, ref): {"fid": 200.0},
+        quality.point_key("ddim", "ddim", 20, 1.01, 5000, 0, ref): {"fid": 190.0},
+        quality.point_key("heun", "karras", 20, 1.0, 5000, 0, ref): {"fid": 180.0},
+        quality.point_key("heun", "karras25", 20, 1.0, 5000, 0, ref): {"fid": 150.0},
+        quality.point_key("heun", "karras25", 20, 1.005, 5000, 0, ref): {"fid": 147.0},
     }
-    text = quality.report(cache, tmp_path, 5000, 0, "fashion-mnist-test", None)
+    text = quality.report(cache, tmp_path, 5000, 0, ref, None)
     assert "| ddim | 20 | 20 | 1.01 | 200.00 | 190.00 | -5.0% |" in text
     assert "| ddim | 100 | 100 | tuning unfinished | not run | not run |  |" in text
     assert "**212.90**" in text
+    assert "| heun | 20 | 39 | 1.005 | 180.00 | not run |  |" in text
+    assert "| heun (karras25) | 20 | 39 | 1.005 | 150.00 | 147.00 | -2.0% |" in text
+    # The demo's grid comes first, the moved one after it.
+    assert text.index("| heun | 20 | 39") < text.index("| heun (karras25) | 20 | 39")
 
 
 def test_write_tables_replaces_only_between_markers(quality, tmp_path):
