@@ -43,6 +43,11 @@ def grid_label(sampler: str, karras_sigma_max: float | None = None) -> str:
     return kind if sigma_max == demo_discretisation(sampler)[1] else f"{kind}{sigma_max:g}"
 
 
+def is_demo_grid(sampler: str, grid: str) -> bool:
+    """Whether ``grid`` (a :func:`grid_label`) is the demo's own; other grids are cached apart."""
+    return grid == demo_discretisation(sampler)[0]
+
+
 def point_key(sampler: str, grid: str, steps: int, lam: float, num: int, seed0: int, ref: str) -> str:
     """Cache key of one held-out evaluation; ``grid`` is :func:`grid_label`'s."""
     return f"{sampler}|{grid}|{steps}|{lam:.6g}|{num}|{seed0}|{ref}"
@@ -62,8 +67,9 @@ def evaluator(model, sampler: str, steps: int, num: int, seed0: int, batch: int,
     from epsscale.cli_exposure import fid_evaluator
 
     sigmas = make_grid(model, sampler, steps, *discretisation(sampler, karras_sigma_max))
-    if work_root is not None and grid_label(sampler, karras_sigma_max) != demo_discretisation(sampler)[0]:
-        work_root = work_root / grid_label(sampler, karras_sigma_max)
+    grid = grid_label(sampler, karras_sigma_max)
+    if work_root is not None and not is_demo_grid(sampler, grid):
+        work_root = work_root / grid
     return fid_evaluator(model, sampler, sigmas, demo_sampler_options(sampler), num, seed0, batch, ref, work_root=work_root, progress=work_root is not None, device=device)
 
 
@@ -88,7 +94,7 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     evaluate = evaluator(model, sampler, steps, num, TUNING_SEED0, batch, "fashion-mnist-train", device=device, karras_sigma_max=karras_sigma_max)
     tune_dir.mkdir(parents=True, exist_ok=True)
     label = grid_label(sampler, karras_sigma_max)
-    moved = label != demo_discretisation(sampler)[0]
+    moved = not is_demo_grid(sampler, label)
     cache = tune_dir / (f"{sampler}_{label}_{steps}_{num}.json" if moved else f"{sampler}_{steps}_{num}.json")
     key = {"sampler": sampler, "steps": steps, "num": num, **({"grid": label} if moved else {})}
     res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
@@ -124,11 +130,11 @@ def tuned(tune_dir: Path) -> dict[tuple[str, str, int], tuple[float | None, list
 
 def _row_order(item) -> tuple:
     (sampler, grid, steps), _ = item
-    return (list(SAMPLERS).index(sampler), grid != demo_discretisation(sampler)[0], grid, steps)
+    return (list(SAMPLERS).index(sampler), not is_demo_grid(sampler, grid), grid, steps)
 
 
 def _row_name(sampler: str, grid: str) -> str:
-    return sampler if grid == demo_discretisation(sampler)[0] else f"{sampler} ({grid})"
+    return sampler if is_demo_grid(sampler, grid) else f"{sampler} ({grid})"
 
 
 TABLES_BEGIN = "<!-- quality.py --report: begin -->"
@@ -247,10 +253,11 @@ def main() -> None:
     for steps in [int(s) for s in args.steps.split(",")]:
         for sampler in args.samplers.split(","):
             sm = args.karras_sigma_max
+            grid = grid_label(sampler, sm)
             res, new = tune(model, sampler, steps, args.tune_lo, args.tune_hi, args.tune_points, args.tune_num, args.batch, tune_dir, device=args.device, karras_sigma_max=sm)
-            print(f"tuned {sampler} {steps} ({grid_label(sampler, sm)}): b = {res.best_b:g} ({new} new grid points)", flush=True)
+            print(f"tuned {sampler} {steps} ({grid}): b = {res.best_b:g} ({new} new grid points)", flush=True)
             for lam in dict.fromkeys([1.0, res.best_b]):
-                key = point_key(sampler, grid_label(sampler, sm), steps, lam, args.num, args.seed0, args.ref)
+                key = point_key(sampler, grid, steps, lam, args.num, args.seed0, args.ref)
                 if key in load_cache(cache_path):
                     continue
                 out = evaluate(model, sampler, steps, lam, args.num, args.seed0, args.batch, args.ref, work_root, args.device, sm)
