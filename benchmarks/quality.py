@@ -12,6 +12,7 @@ Protocol, per (sampler, steps):
     python benchmarks/quality.py --samplers ddpm,ddim,euler,heun --steps 10,20,50,100 --num 5000
     python benchmarks/quality.py --report          # tables + benchmarks/quality.png
     python benchmarks/quality.py --report --write-results   # ... and the tables into RESULTS.md
+    python benchmarks/quality.py --report --write-readme    # ... and the steps x sampler summary into README.md
     python benchmarks/quality.py --samplers euler,heun --karras-sigma-max 25   # another Karras start, cached apart
 
 FID uses the project's Fashion-MNIST classifier features.
@@ -139,16 +140,65 @@ def _row_name(sampler: str, grid: str) -> str:
 
 TABLES_BEGIN = "<!-- quality.py --report: begin -->"
 TABLES_END = "<!-- quality.py --report: end -->"
+SUMMARY_BEGIN = "<!-- quality.py --report summary: begin -->"
+SUMMARY_END = "<!-- quality.py --report summary: end -->"
 
 
-def write_tables(results: Path, tables: str) -> None:
-    """Replace the text between the report markers in ``results`` with ``tables``."""
-    text = results.read_text()
-    head, sep, rest = text.partition(TABLES_BEGIN)
-    _, sep2, tail = rest.partition(TABLES_END)
+def write_tables(path: Path, tables: str, begin: str = TABLES_BEGIN, end: str = TABLES_END) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` in ``path`` with ``tables``."""
+    text = path.read_text()
+    head, sep, rest = text.partition(begin)
+    _, sep2, tail = rest.partition(end)
     if not sep or not sep2:
-        raise SystemExit(f"error: {results} has no '{TABLES_BEGIN}' ... '{TABLES_END}' markers")
-    atomic_write_text(results, f"{head}{TABLES_BEGIN}\n{tables.strip()}\n{TABLES_END}{tail}")
+        raise SystemExit(f"error: {path} has no '{begin}' ... '{end}' markers")
+    atomic_write_text(path, f"{head}{begin}\n{tables.strip()}\n{end}{tail}")
+
+
+def _rows(cache: dict, grids: dict, num: int, seed0: int, ref: str) -> list[tuple]:
+    """(row name, sampler, grid, steps, best b, result at λ = 1, result at b) per tuning grid, in report order."""
+    rows = []
+    for (sampler, grid, steps), (best, _) in sorted(grids.items(), key=_row_order):
+        base = cache.get(point_key(sampler, grid, steps, 1.0, num, seed0, ref))
+        es = base if best == 1.0 else cache.get(point_key(sampler, grid, steps, best, num, seed0, ref)) if best is not None else None
+        rows.append((_row_name(sampler, grid), sampler, grid, steps, best, base, es))
+    return rows
+
+
+def _change(base: dict | None, es: dict | None) -> str:
+    return f"{100 * (es['fid'] / base['fid'] - 1):+.1f}%" if base and es else ""
+
+
+def summary(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str) -> str:
+    """A steps x sampler table of the held-out change at the tuned b, demo grids only (for the README)."""
+    from epsscale.samplers import nfe
+
+    rows = [r for r in _rows(cache, tuned(tune_dir), num, seed0, ref) if is_demo_grid(r[1], r[2])]
+    cells = {(sampler, steps): (best, base, es) for _, sampler, _, steps, best, base, es in rows}
+    samplers = [s for s in SAMPLERS if any(k[0] == s for k in cells)]
+    lines = [
+        f"Change in held-out FID ({num} samples against {ref}) at the tuned b (in brackets); λ = 1 is 0%:\n",
+        "| steps | " + " | ".join(samplers) + " |",
+        "|---|" + "---|" * len(samplers),
+    ]
+    for steps in sorted({k[1] for k in cells}):
+        out = []
+        for sampler in samplers:
+            best, base, es = cells.get((sampler, steps), (None, None, None))
+            if (sampler, steps) not in cells:
+                out.append("not run")
+            elif best is None:
+                out.append("tuning unfinished")
+            elif not (base and es):
+                out.append(f"not evaluated (b = {best:g})")
+            else:
+                out.append(f"{_change(base, es)} ({best:g})")
+        lines.append(f"| {steps} | " + " | ".join(out) + " |")
+    all_steps = sorted({k[1] for k in cells})
+    for sampler in samplers:
+        if any(nfe(sampler, n) != n for n in all_steps):
+            counts = ", ".join(str(nfe(sampler, n)) for n in all_steps)
+            lines.append(f"\n{sampler} takes {counts} network evaluations at {', '.join(map(str, all_steps))} steps.")
+    return "\n".join(lines)
 
 
 def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png: Path | None) -> str:
@@ -158,19 +208,14 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
     lines = []
     emit = lines.append
     grids = tuned(tune_dir)
-    rows = []
-    for (sampler, grid, steps), (best, pts) in sorted(grids.items(), key=_row_order):
-        base = cache.get(point_key(sampler, grid, steps, 1.0, num, seed0, ref))
-        es = cache.get(point_key(sampler, grid, steps, best, num, seed0, ref)) if best is not None else None
-        rows.append((_row_name(sampler, grid), sampler, steps, best, base, es))
+    rows = [(name, sampler, steps, best, base, es) for name, sampler, _, steps, best, base, es in _rows(cache, grids, num, seed0, ref)]
     emit(f"Held-out FID, {num} samples (seeds {seed0}..{seed0 + num - 1}) against {ref}; b tuned on other seeds.\n")
     emit("| sampler | steps | NFE | tuned b | FID λ = 1 | FID at b | change |")
     emit("|---|---|---|---|---|---|---|")
     for name, sampler, steps, best, base, es in rows:
         f = lambda r: f"{r['fid']:.2f}" if r else "not run"
-        change = f"{100 * (es['fid'] / base['fid'] - 1):+.1f}%" if base and es else ("0 (b = 1)" if best == 1.0 and base else "")
         b = "tuning unfinished" if best is None else f"{best:g}"
-        emit(f"| {name} | {steps} | {nfe(sampler, steps)} | {b} | {f(base)} | {f(es) if best != 1.0 else f(base)} | {change} |")
+        emit(f"| {name} | {steps} | {nfe(sampler, steps)} | {b} | {f(base)} | {f(es)} | {_change(base, es)} |")
     emit("\nTuning grids (FID at b, tuning seeds, train split):\n")
     bs = sorted({round(b, 6) for _, pts in grids.values() for b, _ in pts})
     emit("| sampler | steps | " + " | ".join(f"{b:g}" for b in bs) + " |")
@@ -188,7 +233,7 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for name in dict.fromkeys(r[0] for r in rows):
-            pts = [(st, base["fid"], es["fid"] if es else base["fid"]) for n, _, st, b, base, es in rows if n == name and base and (es or b == 1.0)]
+            pts = [(st, base["fid"], es["fid"]) for n, _, st, _, base, es in rows if n == name and base and es]
             if not pts:
                 continue
             line = axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name}, λ = 1")[0]
@@ -227,6 +272,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda; a seed's noise differs between them, so each keeps its own caches")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--write-results", nargs="?", const="benchmarks/RESULTS.md", default=None, help="with --report: also put the tables into this file, between its report markers")
+    ap.add_argument("--write-readme", nargs="?", const="README.md", default=None, help="with --report: also put the steps x sampler summary into this file, between its summary markers")
     ap.add_argument("--plot", default=None, help="default benchmarks/quality.png (with --device cuda: quality_cuda.png)")
     args = ap.parse_args()
     if args.karras_sigma_max is not None and not 0 < args.karras_sigma_max < float("inf"):
@@ -241,6 +287,10 @@ def main() -> None:
         if args.write_results:
             write_tables(Path(args.write_results), tables)
             print(f"\ntables written into {args.write_results}")
+        if args.write_readme:
+            text = summary(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref)
+            write_tables(Path(args.write_readme), text, SUMMARY_BEGIN, SUMMARY_END)
+            print(f"\n{text}\n\nsummary written into {args.write_readme}")
         return
     torch.set_num_threads(args.threads)
     # Full float32 on a GPU too (no TF32), so its numbers differ from the CPU's only by the noise.

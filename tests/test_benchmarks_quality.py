@@ -77,3 +77,49 @@ def test_write_tables_without_markers_is_an_error_and_leaves_the_file(quality, t
     with pytest.raises(SystemExit, match="markers"):
         quality.write_tables(f, "| new |")
     assert f.read_text() == "no markers here\n"
+
+
+def test_summary_is_steps_by_sampler_on_the_demo_grids_only(quality, tmp_path):
+    write_grid(tmp_path, "ddim", 20, [(0.99, 236.3), (1.0, 218.4), (1.01, 212.9), (1.02, 223.1)])
+    write_grid(tmp_path, "ddim", 100, [(0.99, 184.8), (1.0, 169.8)])
+    write_grid(tmp_path, "heun", 20, [(1.0, 181.6), (1.005, 178.7), (1.01, 178.8)])
+    write_grid(tmp_path, "heun", 20, [(1.0, 144.9), (1.005, 143.9), (1.01, 146.8)], grid="karras25")
+    ref = "fashion-mnist-test"
+    cache = {
+        quality.point_key("ddim", "ddim", 20, 1.0, 5000, 0, ref): {"fid": 200.0},
+        quality.point_key("ddim", "ddim", 20, 1.01, 5000, 0, ref): {"fid": 190.0},
+        quality.point_key("heun", "karras", 20, 1.0, 5000, 0, ref): {"fid": 180.0},
+        quality.point_key("heun", "karras25", 20, 1.0, 5000, 0, ref): {"fid": 150.0},
+        quality.point_key("heun", "karras25", 20, 1.005, 5000, 0, ref): {"fid": 147.0},
+    }
+    text = quality.summary(cache, tmp_path, 5000, 0, ref)
+    assert "| steps | ddim | heun |" in text
+    assert "| 20 | -5.0% (1.01) | not evaluated (b = 1.005) |" in text
+    assert "| 100 | tuning unfinished | not run |" in text
+    assert "heun takes 39, 199 network evaluations at 20, 100 steps." in text
+    # The moved Karras start (karras25) is the RESULTS.md table's business, not the summary's.
+    assert "-2.0%" not in text
+
+
+def test_write_tables_takes_other_markers(quality, tmp_path):
+    f = tmp_path / "README.md"
+    f.write_text(f"a\n{quality.SUMMARY_BEGIN}\nold\n{quality.SUMMARY_END}\nb\n{quality.TABLES_BEGIN}\nx\n{quality.TABLES_END}\n")
+    quality.write_tables(f, "new", quality.SUMMARY_BEGIN, quality.SUMMARY_END)
+    assert f.read_text() == f"a\n{quality.SUMMARY_BEGIN}\nnew\n{quality.SUMMARY_END}\nb\n{quality.TABLES_BEGIN}\nx\n{quality.TABLES_END}\n"
+
+
+def between(text: str, begin: str, end: str) -> str:
+    return text.partition(begin)[2].partition(end)[0].strip()
+
+
+def test_committed_readme_and_results_match_the_committed_caches(quality):
+    # Both documents are written by `quality.py --report --write-results --write-readme`; this fails when
+    # a cache changed without rerunning that, or when someone edited the generated text by hand.
+    cache = quality.load_cache(ROOT / "benchmarks" / "quality_cache.json")
+    tune_dir = ROOT / "benchmarks" / "quality_tune"
+    ref = "fashion-mnist-test"
+    readme = (ROOT / "README.md").read_text()
+    assert between(readme, quality.SUMMARY_BEGIN, quality.SUMMARY_END) == quality.summary(cache, tune_dir, 5000, 0, ref).strip()
+    results = between((ROOT / "benchmarks" / "RESULTS.md").read_text(), quality.TABLES_BEGIN, quality.TABLES_END)
+    tables = quality.report(cache, tune_dir, 5000, 0, ref, None).strip()
+    assert results == f"{tables}\n\n![quality](quality.png)"
