@@ -284,12 +284,14 @@ def main() -> None:
     if args.report:
         tables = report(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref, Path(args.plot) if args.plot else None)
         print(tables)
+        # Another device's tables go between markers of their own, never over the CPU's.
+        mark = (lambda m: m) if args.device == "cpu" else (lambda m: m.replace("--report", f"--report --device {args.device}"))
         if args.write_results:
-            write_tables(Path(args.write_results), tables)
+            write_tables(Path(args.write_results), tables, mark(TABLES_BEGIN), mark(TABLES_END))
             print(f"\ntables written into {args.write_results}")
         if args.write_readme:
             text = summary(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref)
-            write_tables(Path(args.write_readme), text, SUMMARY_BEGIN, SUMMARY_END)
+            write_tables(Path(args.write_readme), text, mark(SUMMARY_BEGIN), mark(SUMMARY_END))
             print(f"\n{text}\n\nsummary written into {args.write_readme}")
         return
     torch.set_num_threads(args.threads)

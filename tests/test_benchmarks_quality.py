@@ -123,3 +123,20 @@ def test_committed_readme_and_results_match_the_committed_caches(quality):
     results = between((ROOT / "benchmarks" / "RESULTS.md").read_text(), quality.TABLES_BEGIN, quality.TABLES_END)
     tables = quality.report(cache, tune_dir, 5000, 0, ref, None).strip()
     assert results == f"{tables}\n\n![quality](quality.png)"
+
+
+def test_another_devices_report_never_overwrites_the_cpu_tables(quality, tmp_path):
+    import subprocess
+    import sys
+
+    f = tmp_path / "RESULTS.md"
+    text = f"{quality.TABLES_BEGIN}\ncpu tables\n{quality.TABLES_END}\n"
+    f.write_text(text)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--report", "--plot", "", "--tune-dir", str(tmp_path / "tune"), "--cache", str(tmp_path / "c.json")]
+    r = subprocess.run(cmd + ["--device", "cuda", "--write-results", str(f)], capture_output=True, text=True)
+    assert r.returncode != 0 and "--report --device cuda: begin" in r.stderr
+    assert f.read_text() == text
+    f.write_text(text + f"{quality.TABLES_BEGIN.replace('--report', '--report --device cuda')}\n{quality.TABLES_END.replace('--report', '--report --device cuda')}\n")
+    r = subprocess.run(cmd + ["--device", "cuda", "--write-results", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f.read_text().startswith(text) and "Held-out FID" in f.read_text().partition(text)[2]
