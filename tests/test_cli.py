@@ -54,6 +54,9 @@ def test_sample_toy_end_to_end(tmp_path):
         (["sample", "--model", "toy", "--eps-schedule", "/nonexistent.json", "--out", "x.npz"], "no such schedule"),
         (["sample", "--model", "no-such-model", "--out", "x.npz"], "unknown model"),
         (["fid", "/nonexistent.npz"], "nonexistent"),
+        (["train", "--run-dir", "r", "--karras-sigma-max", "25"], "--export"),
+        (["train", "--run-dir", "r", "--export", "m", "--karras-sigma-max", "0"], "> 0"),
+        (["train", "--run-dir", "r", "--export", "m", "--karras-sigma-max", "nan"], "finite"),
     ],
 )
 def test_bad_input_one_line_error(args, needle, tmp_path, capsys):
@@ -99,3 +102,20 @@ def test_karras_grid_top_defaults_to_the_model_config():
     bare = SimpleNamespace(schedule=m.schedule, config={})
     assert float(make_grid(bare, "heun", 6, "karras")[0]) == pytest.approx(80.0)
     assert float(make_grid(bare, "heun", 6, "karras", 1e9)[0]) == pytest.approx(float(m.schedule.sigma_max))
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
+def test_train_exports_a_model_that_loads_with_its_karras_top(tmp_path):
+    from epsscale.cli import make_grid
+    from epsscale.models.pretrained import load_model
+
+    run, prefix = tmp_path / "run", tmp_path / "m" / "model"
+    prefix.parent.mkdir()
+    assert main(["train", "--run-dir", str(run), "--steps", "1", "--batch", "2", "--threads", "1", "--quiet", "--export", str(prefix), "--karras-sigma-max", "25"]) == 0
+    m = load_model(prefix.parent)
+    assert m.config["sampling"] == {"karras_sigma_max": 25.0} and m.config["training"]["steps_done"] == 1
+    assert float(make_grid(m, "euler", 5, "karras")[0]) == pytest.approx(25.0, rel=1e-12)
+    # Without the option the config has no sampling block, and a Karras grid starts at the model's top (capped at 80).
+    assert main(["train", "--run-dir", str(run), "--steps", "1", "--batch", "2", "--threads", "1", "--quiet", "--export", str(prefix)]) == 0
+    m = load_model(prefix.parent)
+    assert "sampling" not in m.config and float(make_grid(m, "euler", 5, "karras")[0]) > 25.0

@@ -70,6 +70,13 @@ def nonneg_float(s: str) -> float:
     return v
 
 
+def positive_float(s: str) -> float:
+    v = finite_float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return v
+
+
 def lam_float(s: str) -> float:
     v = finite_float(s)
     if v <= 0:
@@ -512,11 +519,14 @@ def _is_stats_npz(path: str) -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     from .models.train import TrainConfig, export_model, train
 
+    if args.karras_sigma_max and not args.export:
+        raise UserError("--karras-sigma-max is recorded by --export; give --export PREFIX too")
     _threads(args)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, ema_decay=args.ema, input_perturbation=args.input_perturbation, seed=args.seed, data=args.data)
     run = train(cfg, args.run_dir, progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     if args.export:
-        st, js = export_model(run, args.export)
+        extra = {"sampling": {"karras_sigma_max": args.karras_sigma_max}} if args.karras_sigma_max else None
+        st, js = export_model(run, args.export, extra=extra)
         print(f"exported {st} and {js}")
     return 0
 
@@ -598,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX .gz files")
     t.add_argument("--max-minutes", type=nonneg_float, default=None, help="stop after a checkpoint once this much time has passed")
     t.add_argument("--export", default=None, metavar="PREFIX", help="write PREFIX.safetensors + PREFIX.json from the EMA weights")
+    t.add_argument("--karras-sigma-max", type=positive_float, default=None, help="with --export: record this as the model's default top of a Karras grid (sampling.karras_sigma_max; without it, 80)")
     t.add_argument("--threads", type=positive_int, default=None)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
