@@ -44,7 +44,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     expected = int(np.prod(shape)) if shape else 0
     if len(data) - header != expected:
         raise ValueError(f"{path}: IDX payload has {len(data) - header} bytes, header says {expected}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    # A writable copy: torch warns on (and must not write into) a read-only buffer.
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
 def load_fashion_mnist(split: Literal["train", "test"] = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:

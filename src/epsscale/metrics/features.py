@@ -301,9 +301,13 @@ def _dataset_key(dataset: str) -> str:
             "or the path of an .npz / .zip / image folder"
         )
     p = Path(dataset).resolve()
-    st = p.stat()
-    digest = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return f"{p.stem}-{digest}"
+    h = hashlib.sha256(str(p).encode())
+    # A folder's own size and time do not change when a file in it (or in a subfolder) is
+    # replaced, so a folder is keyed by every file under it.
+    for f in sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]:
+        st = f.stat()
+        h.update(f"|{f.relative_to(p) if f != p else ''}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return f"{p.stem}-{h.hexdigest()[:12]}"
 
 
 def reference_stats(

@@ -77,6 +77,8 @@ def load_edm_pickle(
             "EDM's repository (github.com/NVlabs/edm, which provides dnnlib and torch_utils) must be on PYTHONPATH",
             name=missing,
         ) from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"{os.fspath(path)}: not a readable pickle ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
     # Find the network and check that it looks like an EDM *Precond module.
     if not isinstance(data, dict) or key not in data:

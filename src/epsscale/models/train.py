@@ -158,22 +158,23 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
 
     cfg.validate()
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     ckpt_path = run / "checkpoint.pt"
     cfg_path = run / "train_config.json"
     if cfg_path.exists():
         # The step count may change between invocations (the schedule does not depend on it),
-        # so a run can be extended, or exported at an earlier checkpoint.
+        # so a run can be extended, or exported at an earlier checkpoint. Where the data lives
+        # may change too: it is Fashion-MNIST's train split wherever it is read from.
         saved = json.loads(cfg_path.read_text())
         mine = json.loads(json.dumps(asdict(cfg)))
-        if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in mine.items() if k != "steps"}:
+        if {k: v for k, v in saved.items() if k not in ("steps", "data")} != {k: v for k, v in mine.items() if k not in ("steps", "data")}:
             raise ValueError(f"{run} holds a run with a different configuration; use a new --run-dir")
-    else:
-        atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2) + "\n")
 
-    # Data, model, optimiser.
+    # Data first, so that a wrong --data leaves no run directory behind; then model, optimiser.
     images, _ = load_fashion_mnist("train", cfg.data)
     data = to_model_space(images, cfg.flags["image_size"])  # [60000, 1, 32, 32]
+    if not cfg_path.exists():
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2) + "\n")
     schedule = VPSchedule(cfg.schedule, cfg.num_timesteps)
     torch.manual_seed(cfg.seed)
     net = _build(cfg).to(memory_format=torch.channels_last)
@@ -184,7 +185,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
     gen = torch.Generator().manual_seed(cfg.seed)
     step, log = 0, []
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{ckpt_path}: not a readable checkpoint ({type(err).__name__}); delete it to restart the run from step 0") from None
         if state["step"] > cfg.steps:
             raise ValueError(f"{run} is already at step {state['step']}, past --steps {cfg.steps}")
         net.load_state_dict(state["net"])
