@@ -7,6 +7,7 @@ options and the schedule JSON.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -23,6 +24,8 @@ from hypothesis import strategies as st
 import epsscale.distributed as dist
 from epsscale.cli import SAMPLER_NAMES, main
 from epsscale.scaling import SCHEDULE_FORMAT, load_schedule, resolve_schedule, save_schedule, schedule_from_dict
+
+needs_fmnist_data = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
 
 TINY_FLAGS = {
     "image_size": 8, "in_channels": 1, "num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
@@ -577,3 +580,112 @@ def test_sample_seeds_rejects_bad_arguments_before_sampling(kw, needle):
     args = {"seeds": [0, 1], "sampler": "ddpm", "batch_size": 2, **kw}
     with pytest.raises(ValueError, match=needle):
         dist.sample_seeds(_forbidden, args.pop("seeds"), (2,), sigmas=torch.tensor([1.0, 0.0], dtype=torch.float64), to_uint8=lambda x: x.numpy(), **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a review: output directories, option combinations, unreadable files
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (lambda t: ["demo", "--toy", "--out", t / "afile"], "not a directory"),
+        (lambda t: ["demo", "--toy", "--num", "1", "--out", t / "d"], "at least 2"),
+        (lambda t: ["train", "--run-dir", t / "afile", "--steps", "1"], "not a directory"),
+        (lambda t: ["train", "--run-dir", t / "r", "--steps", "1", "--export", t / "nodir" / "m"], "does not exist"),
+        (lambda t: ["measure", "--model", "toy", "--out", t / "afile"], "not a directory"),
+        (lambda t: ["measure", "--num", "1", "--out", t / "m"], "at least 2"),
+        (lambda t: ["calibrate", "--method", "fid", "--cache", t / "nodir" / "c.json", "--out", t / "c.json"], "does not exist"),
+        (lambda t: ["sample", "--model", "toy", "--seeds", "0-1", "--out", t / "o.npz", "--grid", t / "o.npz"], "--out"),
+        (lambda t: ["sample", "--model", "toy", "--seeds", "0-1", "--out", t / "o.npz", "--grid", t / "o.npz.parts"], "work directory"),
+        (lambda t: ["sample", "--model", "toy", "--seeds", "0-1", "--out", t / "o.npz", "--classifier-scale", "5"], "--classifier"),
+        (lambda t: ["sample", "--model", "toy", "--seeds", "0-1", "--out", t / "o.npz", "--preset-es", "linear"], "--preset"),
+        (lambda t: ["sample", "--model", "toy", "--seeds", "0-1", "--out", t / "o.npz", "--allow-pickle"], "--edm"),
+        (lambda t: ["sample", "--model", "toy", "--seeds", "0-1", "--out", t / "o.npz", "--disc", "ddim"], "toy"),
+        (lambda t: ["sample", "--model", "toy", "--seeds", "0-1", "--out", t / "o.npz", "--sigma-max", "3"], "toy"),
+    ],
+)
+def test_bad_paths_and_option_combinations_fail_before_any_work(args, needle, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, err = run(args(tmp_path))
+    assert_one_line_error(code, err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@needs_fmnist_data
+def test_a_wrong_data_dir_leaves_no_run_dir(tmp_path):
+    code, err = run(["train", "--run-dir", tmp_path / "r", "--steps", "1", "--data", tmp_path / "nodata"])
+    assert_one_line_error(code, err, "Fashion-MNIST not found")
+    assert not (tmp_path / "r").exists()
+
+
+@needs_fmnist_data
+def test_an_unreadable_checkpoint_names_itself(tmp_path):
+    from epsscale.models.train import TrainConfig
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(TrainConfig(steps=1, batch_size=1))))
+    (run_dir / "checkpoint.pt").write_bytes(b"\x80\x02garbage" * 5)
+    code, err = run(["train", "--run-dir", run_dir, "--steps", "1", "--batch", "1", "--quiet"])
+    assert_one_line_error(code, err, "checkpoint.pt", "not a readable checkpoint")
+
+
+@pytest.mark.parametrize(
+    "payload,needle",
+    [
+        (b"\xe0garbage", "not a readable pickle"),
+        (b"", "not a readable pickle"),
+        (b"cdnnlib\nFoo\n.", "dnnlib"),  # a GLOBAL opcode for a module that is not importable
+    ],
+)
+def test_unreadable_edm_pickles(payload, needle, tmp_path):
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(payload)
+    argv = ["sample", "--edm", pkl, "--allow-pickle", "--seeds", "0-1", "--out", tmp_path / "o.npz"]
+    with pytest.warns(UserWarning, match="only load pickles you trust"):
+        code, err = run(argv)
+    assert_one_line_error(code, err, needle, str(pkl))
+    assert not (tmp_path / "o.npz").exists()
+    if needle == "dnnlib":
+        # Outside pytest (which catches warnings), the pickle warning is one line of its own.
+        import subprocess
+        import sys
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, "-m", "epsscale", *map(str, argv)], capture_output=True, text=True, env=env)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 2, r.stderr
+        assert lines[0].startswith("epsscale: warning:") and "only load pickles you trust" in lines[0]
+        assert "dnnlib" in lines[1] and lines[1].startswith("epsscale: error:")
+
+
+def test_labels_that_are_not_numbers_name_the_option(tmp_path):
+    from epsscale.cli import UserError, _parse_labels
+
+    np.save(tmp_path / "l.npy", np.array(["a", "b"]))
+    with pytest.raises(UserError, match="--labels: .*non-numbers"):
+        _parse_labels(str(tmp_path / "l.npy"), 2)
+    np.save(tmp_path / "l.npy", np.array([3, 1]))
+    assert _parse_labels(str(tmp_path / "l.npy"), 2) == [3, 1]
+
+
+def test_fid_of_one_image_names_the_file(tmp_path):
+    path = _npz(tmp_path / "one.npz", arr_0=np.zeros((1, 28, 28, 1), np.uint8))
+    code, err = run(["fid", path, "--quiet"])
+    assert_one_line_error(code, err, "one.npz", "at least 2")
+
+
+def test_a_folder_reference_is_recomputed_when_a_file_inside_changes(tmp_path):
+    from epsscale.metrics.features import _dataset_key
+
+    sub = tmp_path / "ref" / "sub"
+    sub.mkdir(parents=True)
+    (sub / "a.png").write_bytes(b"1")
+    first = _dataset_key(str(tmp_path / "ref"))
+    assert _dataset_key(str(tmp_path / "ref")) == first
+    (sub / "a.png").write_bytes(b"22")  # same name, new content: the folder's own stat is unchanged
+    assert _dataset_key(str(tmp_path / "ref")) != first
+    (sub / "b.png").write_bytes(b"1")
+    assert len({first, _dataset_key(str(tmp_path / "ref"))}) == 2

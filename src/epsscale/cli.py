@@ -105,6 +105,14 @@ def _writable(path: str | os.PathLike) -> Path:
     return p
 
 
+def _out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """An output directory: may not exist yet, but must not be a file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{option} {p}: exists and is not a directory")
+    return p
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared helpers: model, grid, ES
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +199,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix != ".npz":
         raise UserError(f"--out must end in .npz, got {out}")
     grid_png = _writable(args.grid) if args.grid else None
+    work = _work_dir(args, out)
+    if grid_png is not None and grid_png.resolve() in (out.resolve(), work.resolve()):
+        raise UserError(f"--grid {grid_png} would overwrite {'--out' if grid_png.resolve() == out.resolve() else 'the work directory'}; give the PNG another name")
     lam = _lam_from_args(args)
 
     if args.guided_diffusion and args.edm:
         raise UserError("give one of --guided-diffusion and --edm")
+    # Options that would otherwise be ignored without a word.
+    if args.classifier_scale is not None and not args.classifier:
+        raise UserError("--classifier-scale needs --classifier CKPT")
+    if args.preset_es != "uniform" and not args.preset:
+        raise UserError("--preset-es needs --preset")
+    if args.allow_pickle and not args.edm:
+        raise UserError("--allow-pickle is for --edm PKL only")
     if args.guided_diffusion:
         return _sample_guided_diffusion(args, out, grid_png)
     if args.edm:
@@ -208,6 +226,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.seeds = list(range(64))
     args.batch = args.batch or 64
     if args.model == "toy":
+        if args.grid_kind == "ddim" or args.sigma_max is not None:
+            raise UserError("--model toy runs on --disc respaced or karras (from sigma 80); it takes no --disc ddim or --sigma-max")
         return _sample_toy(args, lam, out, grid_png)
 
     from .data.fashion_mnist import from_model_space
@@ -219,7 +239,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     den = eps_scaling(model.denoiser, lam, sigmas=sigmas)
     crop = model.config.get("crop")
     size = crop or model.shape[-1]
-    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".parts")
     t0 = time.time()
     res = dist.sample_seeds(
         den, args.seeds, model.shape, sampler=args.sampler, sigmas=sigmas,
@@ -245,6 +264,11 @@ def _write_samples(res: Any, out: Path, grid_png: Path | None, work: Path, messa
     if message is not None:
         print(f"wrote {len(images)} samples to {out} {message}")
     return 0
+
+
+def _work_dir(args: argparse.Namespace, out: Path) -> Path:
+    """Where finished batches wait until the .npz is written: --work-dir, else OUT.npz.parts."""
+    return Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".parts")
 
 
 def _fingerprint(path: Any) -> str:
@@ -282,6 +306,8 @@ def _parse_labels(spec: str | None, n: int) -> list[int] | None:
             values = [int(v) for v in spec.split(",")]
         except ValueError:
             raise UserError(f"--labels: expected integers like 3,1,4 or a .npy file, got {spec!r}") from None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise UserError(f"--labels: {spec} holds non-numbers; need integer class labels")
     if len(values) != n or any(not float(v).is_integer() or not 0 <= int(v) < 1000 for v in values):
         raise UserError(f"--labels: need {n} integer labels in [0, 1000), got {len(values)}")
     return [int(v) for v in values]
@@ -336,7 +362,7 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
         load_adm_state_dict(clf, cstate)
         scale = args.classifier_scale if args.classifier_scale is not None else (preset["guidance"]["scale"] if preset and preset["guidance"] else 1.0)
         opts["classifier_grad"] = classifier_guidance(clf.eval(), st.schedule, scale)
-    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".parts")
+    work = _work_dir(args, out)
     res = dist.sample_seeds(
         eps_scaling(den, lam, sigmas=sigmas), seeds, (in_ch, image_size, image_size), sampler=st.sampler,
         sigmas=sigmas, to_uint8=to_uint8, batch_size=args.batch or st.batch_size, prior_kind="vp",
@@ -379,7 +405,7 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
     sigmas = torch.cat([rounded, rounded.new_zeros(1)])
     seeds = args.seeds if args.seeds is not None else list(range(64))
     labels = _parse_labels(args.labels, len(seeds)) if net.label_dim else None
-    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".parts")
+    work = _work_dir(args, out)
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
 
     def to_u8(x: Any) -> np.ndarray:  # EDM's generate.py quantisation
@@ -483,6 +509,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
     if ref not in ("fashion-mnist-train", "fashion-mnist-test") and not Path(ref).exists():
         raise UserError(f"--ref {ref}: no such file or folder (expected fashion-mnist-train, fashion-mnist-test, a stats .npz or images)")
     images = load_images(args.samples)
+    if len(images) < 2:
+        raise UserError(f"{args.samples}: FID needs at least 2 images, found {len(images)}")
     ext = get_extractor(args.extractor, args.inception if args.extractor == "inception" else None)
     r, w = dist.rank(), dist.world_size()
     stats = FeatureStats(ext.dim)
@@ -521,6 +549,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.karras_sigma_max and not args.export:
         raise UserError("--karras-sigma-max is recorded by --export; give --export PREFIX too")
+    _out_dir(args.run_dir, "--run-dir")
+    if args.export:
+        _writable(Path(args.export).with_suffix(".safetensors"))
     _threads(args)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, ema_decay=args.ema, input_perturbation=args.input_perturbation, seed=args.seed, data=args.data)
     run = train(cfg, args.run_dir, progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
@@ -541,12 +572,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .models.pretrained import SHIPPED
 
+    out = _out_dir(args.out)
+    if args.num is not None and args.num < 2:
+        raise UserError(f"--num must be at least 2 (FID needs 2 samples per setting), got {args.num}")
     _threads(args)
     if args.toy or not SHIPPED["fmnist"].with_suffix(".json").exists() or not demo.ES_FILE.exists():
         if not args.toy:
             print("(the shipped Fashion-MNIST model is not in this checkout: running the 2-D mixture demo)")
-        return demo.toy_demo(Path(args.out), num=args.num)
-    return demo.fmnist_demo(Path(args.out), num=args.num, batch=args.batch)
+        return demo.toy_demo(out, num=args.num)
+    return demo.fmnist_demo(out, num=args.num, batch=args.batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,7 +666,23 @@ def _version() -> str:
     return __version__
 
 
+def _one_line_warning(message: Any, category: Any, filename: str, lineno: int, line: str | None = None) -> str:
+    return f"epsscale: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``epsscale`` command; returns the exit status (0, 2 for bad input, 3 for non-finite output)."""
+    import warnings
+
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # a warning is one line too, without file and source
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = shown
+
+
+def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="epsscale: %(message)s")
     parser = build_parser()
     try:
@@ -644,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except (ValueError, OSError, ImportError) as e:
         msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"epsscale: error: {msg}", file=sys.stderr)
         return 2

@@ -59,14 +59,15 @@ def _rank0_only(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 @_rank0_only
 def cmd_measure(args: argparse.Namespace) -> int:
-    from .cli import _threads, _writable, make_grid, sampler_options
+    from .cli import UserError, _out_dir, _threads, _writable, make_grid, sampler_options
     from .exposure import exposure_json, measure_exposure, plot_delta, plot_eps_norms
     from .models.pretrained import load_model
 
     _threads(args)
-    out = Path(args.out)
+    out = _out_dir(args.out)
     _writable(out / "exposure.json") if out.exists() else _writable(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.num < 2:
+        raise UserError(f"--num must be at least 2 (delta_t is a variance over images), got {args.num}")
     model = load_model(args.model)
     sigmas = make_grid(model, args.sampler, args.steps, args.grid_kind, args.sigma_max)
     lam = _default_lam(args, args.sampler)
@@ -75,6 +76,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     rep = measure_exposure(model.denoiser, x0, sigmas, args.sampler, lam, seeds=range(TUNING_SEED0, TUNING_SEED0 + args.num), sampler_opts=sampler_options(args), batch_size=args.batch)
     meta = {"model": args.model, "sampler": args.sampler, "steps": args.steps, "grid": args.grid_kind, "lam": repr(lam), "num": args.num, "seconds": round(time.time() - t0, 1)}
     doc = exposure_json(rep, schedule=model.schedule if args.sampler in ("ddpm", "ddim") else None, meta=meta)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "exposure.json", json.dumps(doc, indent=1) + "\n")
     plot_delta(rep.delta_baseline, rep.delta_es, out / "delta_t.png")
     plot_eps_norms(rep.eps, out / "eps_norm.png")
@@ -150,7 +152,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         hi = args.hi if args.hi is not None else (1.1 if parabola else 1.03)
         num = args.fid_num if args.fid_num is not None else (100 if parabola else 1000)
         evaluate = fid_evaluator(model, args.sampler, sigmas, opts, num, TUNING_SEED0, args.batch)
-        cache = Path(args.cache) if args.cache else out.with_suffix(".points.json")
+        cache = _writable(args.cache) if args.cache else out.with_suffix(".points.json")
         res = fid_search(evaluate, lo, hi, method=args.search, cache_path=cache, points=args.points, tol=args.tol, start=args.start, step=args.step, key={"model": args.model, "sampler": args.sampler, "steps": args.steps, "grid": args.grid_kind, "num": num, "seed0": TUNING_SEED0})
         pts = dict(res.points)
         b = round(float(res.best_b), 6)
