@@ -21,6 +21,17 @@ def test_respacing_20_of_1000_matches_guided_diffusion():
     assert len(kept) == 20
 
 
+def test_respacing_rounds_a_running_sum_like_guided_diffusion():
+    # guided-diffusion's space_timesteps adds the fractional stride up in a float and rounds the
+    # sum. Where the exact position is k + 0.5 the sum and j * stride land on different sides:
+    # count 21: ten additions of 49.95 give 499.49999999999994 (10 * 49.95 = 499.5 -> 500);
+    # count 31: fifteen additions of 33.3 give 499.5000000000001 (15 * 33.3 = 499.49999999999994 -> 499).
+    assert space_timesteps(1000, "21")[10] == 499
+    assert space_timesteps(1000, "31")[15] == 500
+    kept = space_timesteps(1000, "43")
+    assert kept[21] == 499 and 833 in kept and 832 not in kept
+
+
 def test_respacing_sections_and_ddim():
     # Sections of 334, 333, 333 steps; each keeps both of its ends.
     kept = space_timesteps(1000, "10,15,20")

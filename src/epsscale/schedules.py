@@ -114,7 +114,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
         if size < count:
             raise ValueError(f"cannot take {count} steps from a section of {size} steps (respacing {section_counts!r})")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(j * stride) for j in range(count)]
+        # The position is a running float sum, not j * stride: guided-diffusion accumulates, and
+        # the two round differently where a position lands on .5 (count 21 of 1000: 499 vs 500).
+        pos = 0.0
+        for _ in range(count):
+            kept.append(start + round(pos))
+            pos += stride
         start += size
     return sorted(set(kept))
 
