@@ -94,3 +94,19 @@ def test_bad_adapter_arguments():
     with pytest.raises(ValueError, match="sigma_min"):
         EDMDenoiser(lambda x, s, c: x)
     assert as_prediction(torch.zeros(1)).var_interp is None
+
+
+def test_channel_count_and_sigma_shape_errors_say_what_is_wrong():
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    s = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    two = VPDenoiser(lambda x_vp, t: torch.zeros(x_vp.shape[0], 2, 4, 4), SCH)  # a learned-sigma net
+    with pytest.raises(ValueError, match="learn_sigma=True"):
+        two(x, s)
+    three = VPDenoiser(lambda x_vp, t: torch.zeros(x_vp.shape[0], 3, 4, 4), SCH)
+    with pytest.raises(ValueError, match="3 channels for 1-channel input"):
+        three(x, s)
+    ok = VPDenoiser(lambda x_vp, t: torch.zeros_like(x_vp), SCH)
+    assert as_prediction(ok(x, s)).x0.shape == x.shape
+    assert as_prediction(ok(x, torch.tensor(1.0))).x0.shape == x.shape  # a scalar sigma is broadcast
+    with pytest.raises(ValueError, match="one value per sample"):
+        ok(x, torch.tensor([1.0]))

@@ -266,3 +266,24 @@ def test_matches_edm_es_seed_for_seed(solver, lam, churn):
     ours = sampler(den, x, sigmas_karras(steps), noise=gen, s_churn=churn["S_churn"], s_tmin=churn["S_min"], s_tmax=churn["S_max"], s_noise=churn["S_noise"])
     assert ours.dtype == torch.float64
     assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_grid_must_end_in_zero_and_options_must_make_sense():
+    d = GaussianDenoiser()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for name in ("ddpm", "ddim", "euler", "heun", "dpmpp_2m"):
+        with pytest.raises(ValueError, match="end in 0"):
+            SAMPLERS[name](d, x, torch.tensor([10.0, 1.0, 0.5], dtype=torch.float64))
+    g = VPSchedule("cosine").grid("5")
+    for clip in (0.0, -1.0, float("nan"), float("inf"), True):
+        for sampler in (ddpm, ddim):
+            with pytest.raises(ValueError, match="clip"):
+                sampler(d, x, g, clip=clip)
+    for bad in (float("nan"), -1.0, True):
+        with pytest.raises(ValueError, match="s_tmax"):
+            heun(d, x, sigmas_karras(4), s_churn=1.0, s_tmin=0.0, s_tmax=bad)
+    with pytest.raises(ValueError, match="s_churn"):
+        heun(d, x, sigmas_karras(4), s_churn=True)
+    for bad in (-80.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma_max"):
+            prior(x, bad)

@@ -88,3 +88,35 @@ def test_json_round_trip(tmp_path):
 def test_schedule_json_validation(doc):
     with pytest.raises(ValueError):
         schedule_from_dict(doc, "s.json")
+
+
+def test_numpy_and_tensor_scalars_are_numbers_and_bools_are_not():
+    import numpy as np
+
+    d = GaussianDenoiser()
+    x, s = torch.ones(2, 3, dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    want = eps_scaling(d, 1.005)(x, s)
+    for lam in (np.float32(1.005), np.float64(1.005), torch.tensor(1.005, dtype=torch.float64)):
+        assert torch.allclose(eps_scaling(d, lam)(x, s), want, rtol=1e-7)
+    assert Linear(np.float32(0.5), torch.tensor(1.0)) == Linear(0.5, 1.0)
+    assert Uniform(np.float64(1.01)) == Uniform(1.01) and type(Uniform(np.float64(1.01)).b) is float
+    for bad in (True, torch.tensor([1.0, 1.01]), "1.01", torch.tensor(True)):
+        with pytest.raises(ValueError, match="number"):
+            eps_scaling(d, bad)
+
+
+def test_linear_refuses_a_grid_that_is_not_a_sampling_grid():
+    g = torch.tensor([10.0, 2.0, 0.5, 0.0], dtype=torch.float64)
+    lin = Linear(0.1, 1.0)
+    # With or without the trailing 0, the same steps get the same lambdas (i = 0 is the last step).
+    assert lin.bind(g).lams == lin.bind(g[:-1]).lams == pytest.approx((1.2, 1.1, 1.0))
+    for bad in (g.flip(0), g[1:].flip(0), torch.tensor([10.0, 10.0, 0.0]), torch.tensor([1.0, -1.0, 0.0]), torch.tensor([0.0])):
+        with pytest.raises(ValueError, match="sampling grid"):
+            eps_scaling(GaussianDenoiser(), lin, sigmas=bad)
+
+
+def test_per_sigma_from_tensors_is_plain_floats(tmp_path):
+    a = PerSigma(torch.tensor([0.1, 1.0], dtype=torch.float64), torch.tensor([1.01, 1.02], dtype=torch.float64))
+    assert a == PerSigma((0.1, 1.0), (1.01, 1.02)) and all(type(v) is float for v in a.sigmas + a.lams)
+    save_schedule(tmp_path / "s.json", a)
+    assert load_schedule(tmp_path / "s.json").schedule == a

@@ -91,3 +91,10 @@ def test_sigmas_karras():
     for bad in (dict(n=0), dict(n=5, sigma_min=0.0), dict(n=5, sigma_min=2.0, sigma_max=1.0), dict(n=5, rho=0.0)):
         with pytest.raises(ValueError):
             sigmas_karras(**bad)
+
+
+def test_step_counts_are_integers_not_bools():
+    with pytest.raises(ValueError, match="positive integer"):
+        sigmas_karras(True)
+    with pytest.raises(ValueError):
+        VPSchedule("linear", True)

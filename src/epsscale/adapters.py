@@ -65,6 +65,8 @@ def _sigma_vector(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
     if s.ndim == 0:
         s = s.expand(x.shape[0])
+    if s.numel() != x.shape[0]:
+        raise ValueError(f"sigma must be a scalar or one value per sample: got {s.numel()} values for a batch of {x.shape[0]}")
     return s.reshape(x.shape[0])
 
 
@@ -132,6 +134,9 @@ class VPDenoiser:
                 raise ValueError(f"learn_sigma expects {2 * c} output channels, the network returned {out.shape[1]}")
             out, var_interp = out[:, :c], out[:, c:]
         else:
+            if out.shape[1] != c:
+                hint = "; a learned-variance net (ADM) needs learn_sigma=True" if out.shape[1] == 2 * c else ""
+                raise ValueError(f"the network returned {out.shape[1]} channels for {c}-channel input{hint}")
             var_interp = None
 
         # Convert the output to x0 (VE and VP x0 are the same thing).

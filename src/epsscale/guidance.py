@@ -28,6 +28,8 @@ class ClassifierFree:
     def __init__(self, denoiser: Denoiser, scale: float, uncond: dict[str, Any]) -> None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"guidance scale must be a finite number, got {scale!r}")
+        if not isinstance(uncond, dict):
+            raise ValueError(f"uncond must be a dict of the keyword arguments for the unconditional call (e.g. {{'class_labels': None}}), got {uncond!r}")
         self.inner = denoiser
         self.scale = float(scale)
         self.uncond = dict(uncond)

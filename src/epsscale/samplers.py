@@ -135,6 +135,8 @@ def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
         raise ValueError("sigmas must be finite and >= 0")
     if not bool((s[1:] < s[:-1]).all()):
         raise ValueError("sigmas must be strictly decreasing")
+    if s[-1] != 0:
+        raise ValueError(f"sigmas must end in 0 (the clean sample), got {s[-1].item():g}; append a 0 to the grid")
     return s
 
 
@@ -154,11 +156,18 @@ def prior(z: torch.Tensor, sigma_max: float | torch.Tensor, *, kind: Literal["ve
     ``z * sqrt(1 + sigma_max^2)``: the DDPM prior ``x_T ~ N(0, I)`` seen in VE units.
     """
     s = torch.as_tensor(sigma_max, dtype=torch.float64)
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise ValueError(f"prior: sigma_max must be finite and > 0, got {sigma_max!r}")
     if kind == "ve":
         return z.to(torch.float64) * s
     if kind == "vp":
         return z.to(torch.float64) * (1 + s**2).sqrt()
     raise ValueError(f"unknown prior kind {kind!r}: expected 've' or 'vp'")
+
+
+def _check_clip(clip: float | None) -> None:
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf):
+        raise ValueError(f"clip must be None (off) or a finite number > 0, got {clip!r}")
 
 
 def _clip(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
@@ -277,6 +286,7 @@ def ddpm(
     times the guidance scale); the mean shifts by variance * gradient (ADM-G, Dhariwal & Nichol
     2021, Algorithm 1). Epsilon Scaling acts on the model's eps only, never on this gradient.
     """
+    _check_clip(clip)
     sigmas = _check_grid(sigmas).to(x.device)
     noise = noise or _GlobalNoise()
     x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
@@ -323,6 +333,7 @@ def ddim(
     """
     if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    _check_clip(clip)
     sigmas = _check_grid(sigmas).to(x.device)
     noise = noise or _GlobalNoise()
     x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
@@ -364,8 +375,10 @@ def _edm(
     s_noise: float,
 ) -> torch.Tensor:
     for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or not s_tmax >= s_tmin:
+        raise ValueError(f"s_tmax must be a number >= s_tmin (inf: no upper limit), got {s_tmax!r}")
     sigmas = _check_grid(sigmas).to(x.device)
     noise = noise or _GlobalNoise()
     round_sigma = getattr(denoiser, "round_sigma", None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,15 @@ __all__ = [
 SCHEDULE_FORMAT = "epsscale.schedule/1"
 
 
+def _number(v: Any, what: str) -> float:
+    """A real number as a float: Python, numpy and 0-d torch scalars are accepted, bools are not."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {v!r}")
+    return float(v)
+
+
 def _check_lam(values: Any, what: str) -> None:
     t = torch.as_tensor(values, dtype=torch.float64)
     if t.numel() == 0:
@@ -72,8 +82,7 @@ class Uniform:
     b: float
 
     def __post_init__(self) -> None:
-        if isinstance(self.b, bool) or not isinstance(self.b, (int, float)):
-            raise ValueError(f"Uniform: lambda must be a number, got {self.b!r}")
+        object.__setattr__(self, "b", _number(self.b, "Uniform: lambda"))
         _check_lam(self.b, "Uniform")
 
     def bind(self, sigmas: torch.Tensor | None = None) -> "Uniform":
@@ -89,6 +98,10 @@ class Linear:
 
     ``i`` is the respaced step index counted from the end: for a grid of T' steps the first
     (noisiest) step has ``i = T' - 1`` and the last has ``i = 0``.
+
+    Bound to a grid it becomes a per-sigma table, so Heun's correction call at sigma_{i+1} gets
+    the lambda of the step that starts there. (The diffusers integration counts a scheduler
+    step once: both calls of a Heun step get that step's lambda.)
     """
 
     k: float
@@ -96,9 +109,10 @@ class Linear:
 
     def __post_init__(self) -> None:
         for name in ("k", "b"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            v = _number(getattr(self, name), f"Linear: {name}")
+            if not math.isfinite(v):
                 raise ValueError(f"Linear: {name} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, v)
 
     def values(self, steps: int) -> torch.Tensor:
         """lambda for each step in sampling order (first step first), float64 [steps]."""
@@ -115,11 +129,16 @@ class Linear:
 
 
 def _grid_steps(sigmas: torch.Tensor) -> torch.Tensor:
-    """The sigmas at which a grid evaluates the network (drop the trailing 0)."""
+    """The sigmas at which a sampling grid evaluates the network (a trailing 0 dropped).
+
+    Step indices count on this grid, so it must run the way a sampler does: strictly decreasing
+    and positive (an ascending table, such as a model's ``sigmas``, would reverse lambda).
+    """
     s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-    s = s[s > 0]
-    if len(s) == 0:
-        raise ValueError("sigma grid has no positive sigmas")
+    if len(s) > 1 and s[-1] == 0:
+        s = s[:-1]
+    if len(s) == 0 or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()) or not bool((s[1:] < s[:-1]).all()):
+        raise ValueError("Linear needs the sampling grid: positive sigmas, strictly decreasing (a trailing 0 is allowed)")
     return s
 
 
@@ -135,6 +154,9 @@ class PerSigma:
     def __post_init__(self) -> None:
         s = torch.as_tensor(self.sigmas, dtype=torch.float64).flatten()
         lam = torch.as_tensor(self.lams, dtype=torch.float64).flatten()
+        # Plain floats, so that a table given as tensors compares, hashes and saves like one given as tuples.
+        object.__setattr__(self, "sigmas", tuple(s.tolist()))
+        object.__setattr__(self, "lams", tuple(lam.tolist()))
         if s.numel() != lam.numel() or s.numel() == 0:
             raise ValueError(f"PerSigma: need equally many sigmas and lambdas (got {s.numel()} and {lam.numel()})")
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
@@ -177,12 +199,10 @@ ScheduleLike = Union[float, int, Uniform, Linear, PerSigma, Calibrated]
 
 def resolve_schedule(lam: ScheduleLike, sigmas: torch.Tensor | None = None) -> Union[Uniform, PerSigma]:
     """Turn a float or schedule into a per-sigma lookup, validating it (ValueError if bad)."""
-    if isinstance(lam, bool):
-        raise ValueError(f"lambda must be a number or a schedule, got {lam!r}")
-    if isinstance(lam, (int, float)):
-        return Uniform(float(lam))
     if isinstance(lam, (Uniform, Linear, PerSigma, Calibrated)):
         return lam.bind(sigmas)
+    if isinstance(lam, (numbers.Real, torch.Tensor)):
+        return Uniform(_number(lam, "lambda"))
     raise ValueError(f"lambda must be a number or a schedule (Uniform, Linear, PerSigma, Calibrated), got {type(lam).__name__}")
 
 

@@ -159,7 +159,7 @@ class VPSchedule:
     betas: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_timesteps, int) or self.num_timesteps < 1:
+        if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int) or self.num_timesteps < 1:
             raise ValueError(f"num_timesteps must be a positive integer, got {self.num_timesteps!r}")
         object.__setattr__(self, "betas", torch.from_numpy(_betas(self.kind, self.num_timesteps)))
 
@@ -223,7 +223,7 @@ def sigmas_karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
 
     ``sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``.
     """
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if not (0 < sigma_min <= sigma_max) or not math.isfinite(sigma_max):
         raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got {sigma_min}, {sigma_max}")
