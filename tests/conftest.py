@@ -57,3 +57,12 @@ class FakeEDMNet:
         assert class_labels is None or class_labels.shape == (x.shape[0], self.label_dim)
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
         return (0.25 / (0.25 + s**2)) * x.to(torch.float64)
+
+
+def randomise_output_layer(net: torch.nn.Module) -> None:
+    """ADM zero-initialises its last conv, so an untrained net predicts eps = 0 and its samples
+    would not depend on the network at all. Random weights there make tests see the network
+    (and its batch-shape-dependent float32 rounding)."""
+    with torch.no_grad():
+        for p in net.out[-1].parameters():
+            p.normal_(0.0, 0.05)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomise_output_layer
 
 import epsscale.distributed as dist
 from epsscale.cli import main
@@ -43,6 +44,7 @@ def make_tiny_model(directory: Path, *, image_size: int = 32, seed: int = 0) -> 
     flags = {**TINY_FLAGS, "image_size": image_size}
     torch.manual_seed(seed)
     net = create_adm_model(flags)
+    randomise_output_layer(net)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(directory / "model.safetensors"))
     cfg = {"format": "epsscale.model/1", "arch": "adm", "flags": flags, "schedule": "cosine", "num_timesteps": 1000, "prediction": "eps", "learn_sigma": True}
@@ -135,15 +137,17 @@ def _load(path: Path) -> np.ndarray:
         return z["arr_0"]
 
 
-def test_samples_identical_at_world_size_1_and_2_and_any_batch_size(world1, world2):
+def test_samples_identical_at_world_size_1_and_2(world1, world2):
     ws2, _ = world2
     ref = _load(world1 / "ddpm-b64.npz")
     assert ref.shape == (17, 32, 32, 1) and ref.dtype == np.uint8 and ref.std() > 0
     for name, _ in CASES:
+        # Bit-identical over world sizes at one batch size (every network call has batch rows).
+        np.testing.assert_array_equal(_load(ws2 / f"{name}.npz"), _load(world1 / f"{name}.npz"), err_msg=name)
         if name.startswith("ddpm"):
-            np.testing.assert_array_equal(_load(world1 / f"{name}.npz"), ref, err_msg=f"ws1 {name}")
-            np.testing.assert_array_equal(_load(ws2 / f"{name}.npz"), ref, err_msg=f"ws2 {name}")
-    np.testing.assert_array_equal(_load(ws2 / "heun-b7.npz"), _load(world1 / "heun-b7.npz"))
+            # Another batch size changes only the network's float32 rounding: a pixel by 1 at most.
+            diff = np.abs(_load(world1 / f"{name}.npz").astype(int) - ref)
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, name
     # Nothing but the outputs is left behind (work directories are removed).
     for d in (world1, ws2):
         assert sorted(p.name for p in d.iterdir() if not p.name.startswith("float")) == sorted(f"{n}.npz" for n, _ in CASES)
@@ -158,13 +162,21 @@ def test_library_float_samples_identical_without_work_dir(setup, world2):
     m = load_model(str(model))
     sigmas = m.schedule.grid(STEPS)
     seeds = dist.parse_seeds(SEEDS)
-    ref, labels = dist.sample_seeds(m.denoiser, seeds, m.shape, sampler="ddpm", sigmas=sigmas, to_uint8=lambda x: x.numpy(), batch_size=5)
-    assert labels is None and ref.dtype == np.float32 and ref.shape == (17, 1, 32, 32)
+    # The network matters here: its output is not the zero of an untrained ADM.
+    x = torch.randn(2, *m.shape, dtype=torch.float64)
+    assert (m.denoiser(x, torch.tensor([5.0, 5.0], dtype=torch.float64)).x0 - x).abs().max() > 1e-3
+    first = None
     for b in BATCHES:
+        ref, labels = dist.sample_seeds(m.denoiser, seeds, m.shape, sampler="ddpm", sigmas=sigmas, to_uint8=lambda x: x.numpy(), batch_size=b)
+        assert labels is None and ref.dtype == np.float32 and ref.shape == (17, 1, 32, 32)
         np.testing.assert_array_equal(np.load(ws2 / f"float-b{b}.npy"), ref)
-    # Seed order is the order asked for, whatever the striding.
-    part, _ = dist.sample_seeds(m.denoiser, [16, 3, 9], m.shape, sampler="ddpm", sigmas=sigmas, to_uint8=lambda x: x.numpy(), batch_size=2)
-    np.testing.assert_array_equal(part, ref[[16, 3, 9]])
+        first = ref if first is None else first
+        np.testing.assert_allclose(ref, first, rtol=1e-5, atol=1e-6 * float(np.abs(first).max()))
+    # Seed order is the order asked for, whatever the striding; a shorter list is padded to the
+    # batch, so its samples are bit-identical to the same seeds in the full run.
+    part, _ = dist.sample_seeds(m.denoiser, [16, 3, 9], m.shape, sampler="ddpm", sigmas=sigmas, to_uint8=lambda x: x.numpy(), batch_size=7)
+    full, _ = dist.sample_seeds(m.denoiser, seeds, m.shape, sampler="ddpm", sigmas=sigmas, to_uint8=lambda x: x.numpy(), batch_size=7)
+    np.testing.assert_array_equal(part, full[[16, 3, 9]])
 
 
 def test_fid_identical_at_world_size_1_and_2(setup, world1, world2, capsys):

@@ -689,3 +689,34 @@ def test_a_folder_reference_is_recomputed_when_a_file_inside_changes(tmp_path):
     assert _dataset_key(str(tmp_path / "ref")) != first
     (sub / "b.png").write_bytes(b"1")
     assert len({first, _dataset_key(str(tmp_path / "ref"))}) == 2
+
+
+def test_a_work_dir_that_is_not_one_is_refused_and_left_alone(tiny, tmp_path):
+    base = ["sample", "--model", tiny, "--steps", "2", "--seeds", "0-3", "--batch", "2", "--quiet"]
+    # It would hold the output (it is deleted at the end).
+    (tmp_path / "w").mkdir()
+    code, err = run(base + ["--out", tmp_path / "w" / "o.npz", "--work-dir", tmp_path / "w"])
+    assert_one_line_error(code, err, "would hold the output")
+    code, err = run(base + ["--out", tmp_path / "o.npz", "--work-dir", tmp_path])
+    assert_one_line_error(code, err, "would hold the output")
+    # It holds someone else's files.
+    (tmp_path / "w" / "precious.txt").write_text("keep")
+    code, err = run(base + ["--out", tmp_path / "o.npz", "--work-dir", tmp_path / "w"])
+    assert_one_line_error(code, err, "did not write", "precious.txt")
+    assert (tmp_path / "w" / "precious.txt").read_text() == "keep"
+    # Its manifest is unreadable, so its batches cannot be matched to this run.
+    work = tmp_path / "o.npz.parts"
+    work.mkdir()
+    np.savez(work / "seeds-000000-000001.npz", seeds=np.array([0, 1]), images=np.zeros((2, 8, 8, 1), np.uint8), labels=np.zeros(0, np.int64))
+    (work / "run.json").write_text("garbage")
+    code, err = run(base + ["--out", tmp_path / "o.npz"])
+    assert_one_line_error(code, err, "run.json", "unreadable")
+    (work / "run.json").unlink()
+    code, err = run(base + ["--out", tmp_path / "o.npz"])
+    assert_one_line_error(code, err, "no run.json")
+    assert not (tmp_path / "o.npz").exists()
+    # An empty directory is fine, and is removed with the run's files at the end.
+    (tmp_path / "empty").mkdir()
+    code, err = run(base + ["--out", tmp_path / "o.npz", "--work-dir", tmp_path / "empty"])
+    assert code == 0, err
+    assert (tmp_path / "o.npz").exists() and not (tmp_path / "empty").exists()

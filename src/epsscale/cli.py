@@ -428,6 +428,10 @@ def _sample_toy(args: argparse.Namespace, lam: Any, out: Path, grid_png: Path | 
     from .scaling import eps_scaling
     from .schedules import VPSchedule
 
+    from . import distributed as dist
+
+    if dist.rank() != 0:  # 2-D points take no time: under torchrun, rank 0 does it alone
+        return 0
     sch = VPSchedule("cosine")
     sigmas = sch.grid(str(args.steps)) if args.grid_kind != "karras" else _karras_toy(args.steps)
     den = eps_scaling(ImperfectDenoiser(default_mixture()), lam, sigmas=sigmas)

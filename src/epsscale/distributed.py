@@ -2,7 +2,12 @@
 
 * Seeds are strided over ranks (rank r takes ``todo[r::world]``) and cut into batches.
 * Every sample draws all of its randomness from its own generator (:class:`StackedGenerator`),
-  so a sample depends only on its seed, never on the batch size or the number of processes.
+  so its random numbers depend only on its seed. The network's float32 kernels, though, may
+  round differently for another batch *shape* (on this project's CPU, the shipped model's
+  outputs by up to 2e-6; that moves a uint8 pixel by 1 now and then). So every network call has exactly ``batch_size`` rows: a short last batch is
+  padded with copies of its last sample and cut back after sampling. With that, a sample is
+  bit-identical at any number of processes and across resumes; only a fresh run with another
+  batch size may differ in the last bits.
 * Outputs are named by seed. Each finished batch is written atomically to the work directory as
   ``seeds-{first:06d}-{last:06d}.npz`` (its smallest and largest seed; the file stores the
   seeds themselves, the uint8 images and the labels), so a shard describes itself.
@@ -10,8 +15,9 @@
   and the ranks split the seeds that are still missing. A run killed at any moment (SIGKILL)
   and restarted with the same command therefore loses at most the batch each rank had in
   flight, and ends with the same output. Because samples depend only on their seeds, the
-  restart may even use another batch size or number of processes. A run manifest
-  (``run.json``) refuses to resume with a different model, sampler, grid, lambda or seed list.
+  restart may use another number of processes; it keeps the interrupted run's batch size
+  (recorded in ``run.json``), whatever it is given, so that the result is bit-identical. The
+  manifest refuses to resume with a different model, sampler, grid, lambda or seed list.
 * Nothing is ever half-written: shards, the manifest and the final ``.npz`` go to a temporary
   name first and are moved into place with ``os.replace``. A restart deletes the temporary files
   a killed run left behind. An advisory lock keeps two runs out of one work directory.
@@ -310,6 +316,26 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _ours(q: Path) -> bool:
+    """A file a work directory's runs write: batches, the manifest, the lock, temporaries."""
+    return q.is_file() and (bool(_SHARD.fullmatch(q.name)) or q.name in ("run.json", "lock") or (q.name.startswith(".") and "tmp" in q.name))
+
+
+def _check_work_dir(wd: Path, outputs: Sequence[Path]) -> None:
+    """Refuse a work directory that is not one: it is removed when the run is done, so it must
+    hold nothing but what runs write there (and never the final outputs)."""
+    for out in outputs:
+        o = out.resolve()
+        if o == wd or wd in o.parents:
+            raise ValueError(f"the work directory {wd} would hold the output {out}, and it is deleted at the end; pass a --work-dir of its own")
+    if wd.is_dir():
+        foreign = [q.name for q in wd.iterdir() if not _ours(q)]
+        if foreign:
+            raise ValueError(f"{wd} holds files that epsscale did not write ({', '.join(sorted(foreign)[:3])}); a work directory is deleted at the end, so pass a new or empty --work-dir")
+        if any(_SHARD.fullmatch(q.name) for q in wd.iterdir()) and not (wd / "run.json").is_file():
+            raise ValueError(f"{wd} holds finished batches but no run.json saying which run they belong to; delete {wd} to start over")
+
+
 def _trash_dirs(wd: Path) -> list[Path]:
     return [q for q in wd.parent.glob(f".{glob.escape(wd.name)}.removing-*") if q.is_dir()]
 
@@ -348,11 +374,16 @@ def _digest(values: Sequence[int] | None) -> str | None:
     return hashlib.sha256(np.asarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def _prepare(wd: Path, manifest: dict, seeds: Sequence[int], outputs: Sequence[Path]) -> tuple[_Lock, dict[Path, tuple]]:
-    """Rank 0: create/lock the work directory, check the manifest, clean up, read the shards."""
+def _prepare(wd: Path, manifest: dict, seeds: Sequence[int], outputs: Sequence[Path]) -> tuple[_Lock, dict[Path, tuple], int]:
+    """Rank 0: create/lock the work directory, check the manifest, clean up, read the shards.
+
+    Returns the lock, the finished shards and the batch size to sample with: the interrupted
+    run's when resuming (so every network call has the shape it had), else the manifest's.
+    """
     try:
         if wd.exists() and not wd.is_dir():
             raise ValueError(f"cannot use work directory {wd}: it is a file")
+        _check_work_dir(wd, outputs)
         wd.mkdir(parents=True, exist_ok=True)
         if not os.access(wd, os.W_OK):
             raise ValueError(f"cannot use work directory {wd}: it is not writable")
@@ -377,8 +408,14 @@ def _prepare(wd: Path, manifest: dict, seeds: Sequence[int], outputs: Sequence[P
                 old = json.loads(mpath.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError, OSError):
                 old = None
-            if isinstance(old, dict) and {k: old.get(k) for k in keys} != {k: manifest[k] for k in keys}:
+            if not isinstance(old, dict):
+                raise ValueError(f"{mpath} is unreadable, so the batches beside it cannot be matched to this run; delete {wd} to start over")
+            if {k: old.get(k) for k in keys} != {k: manifest[k] for k in keys}:
                 raise ValueError(f"{wd} holds an unfinished run with different settings; rerun that command, or delete {wd}")
+            kept = old.get("batch_size")
+            if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 1 and kept != manifest["batch_size"]:
+                log.info("resuming with the interrupted run's batch size %d (not %d), so the result is bit-identical", kept, manifest["batch_size"])
+                manifest = {**manifest, "batch_size": kept}
         atomic_write_text(mpath, json.dumps(manifest, indent=2, default=str) + "\n")
 
         # Finished shards.
@@ -393,7 +430,7 @@ def _prepare(wd: Path, manifest: dict, seeds: Sequence[int], outputs: Sequence[P
                 p.unlink(missing_ok=True)
                 continue
             done[p] = got
-        return lock, done
+        return lock, done, manifest["batch_size"]
     except BaseException:
         lock.release()
         raise
@@ -463,7 +500,7 @@ def sample_seeds(
     fn = SAMPLERS[sampler]
 
     # Work directory: rank 0 checks it and reads what is done; every rank learns the outcome.
-    wd = Path(work_dir) if work_dir is not None else None
+    wd = Path(work_dir).resolve() if work_dir is not None else None
     lock: _Lock | None = None
     parts: dict[Path, tuple] = {}
     done: set[int] = set()
@@ -474,16 +511,16 @@ def sample_seeds(
         status: tuple[str, Any]
         if r == 0:
             try:
-                lock, parts = _prepare(wd, manifest, seeds, [Path(p) for p in outputs if p is not None])
-                status = ("ok", sorted({s for got in parts.values() for s in got[0].tolist()}))
+                lock, parts, run_batch = _prepare(wd, manifest, seeds, [Path(p) for p in outputs if p is not None])
+                status = ("ok", sorted({s for got in parts.values() for s in got[0].tolist()}), run_batch)
             except (ValueError, OSError) as e:
                 status = ("error", str(e) if isinstance(e, ValueError) else f"cannot use work directory {wd}: {e.strerror or e}")
         else:
-            status = ("ok", [])
+            status = ("ok", [], batch_size)
         status = broadcast_object(status)
         if status[0] == "error":
             raise ValueError(status[1])
-        done = set(status[1])
+        done, batch_size = set(status[1]), status[2]
         if done:
             log.info("resuming in %s: %d of %d samples are done", wd, len(done), len(seeds))
 
@@ -497,16 +534,19 @@ def sample_seeds(
         bar = tqdm(total=len(seeds), initial=len(done), disable=not progress or r != 0, unit="img", desc=sampler)
         local: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for batch in batches:
-            gen = StackedGenerator(batch, device=device)
-            z = gen.randn((len(batch), *shape), device=device)
+            # Always batch_size rows (see the module docstring): pad with the last seed again.
+            rows = batch + [batch[-1]] * (batch_size - len(batch))
+            gen = StackedGenerator(rows, device=device)
+            z = gen.randn((len(rows), *shape), device=device)
             cond: dict[str, torch.Tensor] = {}
             if label_of is not None:
-                cond["y"] = torch.tensor([label_of[s] for s in batch], device=device)
+                cond["y"] = torch.tensor([label_of[s] for s in rows], device=device)
             elif num_classes:
-                cond["y"] = gen.randint(num_classes, (len(batch),), device=device)
+                cond["y"] = gen.randint(num_classes, (len(rows),), device=device)
             x = prior(z, sigmas[0], kind=prior_kind)
             with torch.no_grad():
-                out = fn(guarded, x, sigmas, noise=gen, cond=cond or None, **(sampler_opts or {}))
+                out = fn(guarded, x, sigmas, noise=gen, cond=cond or None, **(sampler_opts or {}))[: len(batch)]
+            cond = {k: v[: len(batch)] for k, v in cond.items()}
             if not bool(torch.isfinite(out).all()):
                 raise NonFiniteError(f"the sampler produced NaN or inf at the end of sampling (seeds {batch[0]}...{batch[-1]})")
             images = to_uint8(out)
@@ -565,8 +605,15 @@ def finish(work_dir: str | os.PathLike | None) -> None:
     """
     if work_dir is None or rank() != 0:
         return
-    wd = Path(work_dir)
+    wd = Path(work_dir).resolve()
     if not wd.is_dir():
+        return
+    foreign = [q.name for q in wd.iterdir() if not _ours(q)]
+    if foreign:  # something else was put there during the run: delete only what runs wrote
+        log.warning("leaving %s in place: it now holds files epsscale did not write (%s)", wd, ", ".join(sorted(foreign)[:3]))
+        for q in wd.iterdir():
+            if _ours(q):
+                q.unlink(missing_ok=True)
         return
     trash = wd.with_name(f".{wd.name}.removing-{os.getpid()}")
     try:
