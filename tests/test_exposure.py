@@ -471,7 +471,7 @@ def test_fid_search_golden_and_grid():
     assert g.best_b == pytest.approx(1.01)
 
 
-@pytest.mark.parametrize("b_star, calls", [(0.9973, 3), (1.0, 3), (1.0049, 3), (1.013, 4), (1.0381, 6)])
+@pytest.mark.parametrize("b_star, calls", [(0.9973, 3), (1.0, 3), (1.0049, 3), (1.013, 4), (1.0381, 7)])
 def test_fid_search_parabola_is_exact_on_a_parabola(b_star, calls):
     # A quadratic score: the vertex is exact, from 3 points (or more when it must walk there).
     f = Quadratic(b_star)
@@ -513,6 +513,18 @@ def test_fid_search_parabola_walks_and_stops_at_bounds():
         fid_search(f, 0.9, 1.1, method="parabola", max_evals=2)
 
 
+def test_fid_search_parabola_needs_a_bracket_on_an_asymmetric_curve():
+    # Convex, steep below the minimum at 1.04 and shallow above it (piecewise linear). The first
+    # triple (10, 5, 4.9) is convex with its vertex inside it, at 1.0052, where the curve is
+    # worse than the 4.9 already measured at 1.01; the search must walk on to a bracket.
+    knots = [(0.99, 10.0), (1.0, 5.0), (1.01, 4.9), (1.02, 4.85), (1.03, 4.82), (1.04, 4.8), (1.05, 4.9), (1.06, 5.5)]
+    f = lambda b: float(np.interp(b, *zip(*knots)))  # noqa: E731
+    res = fid_search(f, 0.9, 1.1, method="parabola", start=1.0, step=0.01)
+    assert res.bracketed and 1.03 < res.best_b < 1.05
+    assert f(res.best_b) < 4.85
+    assert sorted(b for b, _ in res.points) == pytest.approx([0.99, 1.0, 1.01, 1.02, 1.03, 1.04, 1.05])
+
+
 def test_fid_search_parabola_robust_to_noise():
     # Noisy scores (FID of a few samples): the vertex stays near the optimum.
     rng = np.random.default_rng(0)
@@ -550,6 +562,13 @@ def test_fid_search_cache_resumes(tmp_path, method):
 
     with pytest.raises(ValueError):
         fid_search(Quadratic(), 0.99, 1.03, cache_path=cache, **{**kw, "key": {"model": "other"}})
+    # A keyed cache is no answer for a search without a key, nor the other way round.
+    with pytest.raises(ValueError, match="written for"):
+        fid_search(Quadratic(), 0.99, 1.03, cache_path=cache, **{**kw, "key": None})
+    keyless = tmp_path / "keyless.json"
+    fid_search(Quadratic(), 0.99, 1.03, cache_path=keyless, **{**kw, "key": None})
+    with pytest.raises(ValueError, match="written for"):
+        fid_search(Quadratic(), 0.99, 1.03, cache_path=keyless, **kw)
 
 
 class ForbiddenEvaluate:

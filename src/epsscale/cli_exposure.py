@@ -123,7 +123,7 @@ def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, s
 
 @_rank0_only
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .cli import _threads, _writable, make_grid, sampler_options
+    from .cli import _fingerprint, _threads, _writable, make_grid, sampler_options
     from .exposure import calibrate_norm_matching, fid_search, plot_fid_vs_b, write_calibrated_schedule
     from .models.pretrained import load_model
     from .samplers import nfe
@@ -153,7 +153,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         num = args.fid_num if args.fid_num is not None else (100 if parabola else 1000)
         evaluate = fid_evaluator(model, args.sampler, sigmas, opts, num, TUNING_SEED0, args.batch)
         cache = _writable(args.cache) if args.cache else out.with_suffix(".points.json")
-        res = fid_search(evaluate, lo, hi, method=args.search, cache_path=cache, points=args.points, tol=args.tol, start=args.start, step=args.step, key={"model": args.model, "sampler": args.sampler, "steps": args.steps, "grid": args.grid_kind, "num": num, "seed0": TUNING_SEED0})
+        # Everything that changes a score: the weights, the grid itself (kind, steps, sigma_max),
+        # the sampler's options, the samples and the reference.
+        search_key = {
+            "model": _fingerprint(model.path), "sampler": args.sampler, "sigmas": [round(float(v), 12) for v in sigmas],
+            "sampler_options": meta["sampler_options"], "num": num, "seed0": TUNING_SEED0, "ref": "fashion-mnist-train",
+        }
+        res = fid_search(evaluate, lo, hi, method=args.search, cache_path=cache, points=args.points, tol=args.tol, start=args.start, step=args.step, key=search_key)
         pts = dict(res.points)
         b = round(float(res.best_b), 6)
         meta.update(search=args.search, num=num, seed0=TUNING_SEED0, points={str(k): v for k, v in pts.items()}, best_fid=res.best_score, bracketed=res.bracketed, nfe=len(pts) * num * nfe(args.sampler, args.steps), seconds=round(time.time() - t0, 1))

@@ -1175,7 +1175,7 @@ class _PointCache:
                 raise ValueError(f"{self.path}: not a valid FID search cache ({e})") from None
             if not isinstance(d, dict) or d.get("format") != FID_CACHE_FORMAT or not isinstance(d.get("points"), list):
                 raise ValueError(f"{self.path}: not a FID search cache (expected 'format': {FID_CACHE_FORMAT!r})")
-            if self.key is not None and d.get("key") not in (None, self.key):
+            if d.get("key") != self.key:
                 raise ValueError(f"{self.path}: cache was written for {d.get('key')!r}, not {self.key!r}; use another cache file")
             for p in d["points"]:
                 if not (isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
@@ -1323,16 +1323,16 @@ def _parabola_search(f: Callable[[float], float], seen: dict, stats: dict, lo: f
     while True:
         jb = min(score, key=lambda j: (score[j], abs(j)))  # ties: the point nearest start
         missing = [j for j in (jb - 1, jb + 1) if j not in score]
-        # Done when the lowest point is inside a triple whose parabola has its vertex inside the
-        # triple: the lowest point in the middle (a bracket), or at the end of a convex triple
-        # that turns within it.
-        m = jb if not missing else (jb - 1 if jb + 1 in missing else jb + 1)
-        v = vertex(m)
-        if v is not None:
+        # Done only when the lowest point has both neighbours (a bracket): then the parabola's
+        # vertex lies within half a step of it. A lowest point at the end of a triple is not
+        # enough, even when that triple's parabola turns inside it: on an asymmetric curve
+        # (FID against b usually is) such a vertex can be worse than the point already measured.
+        if not missing:
+            v = vertex(jb)
+            assert v is not None  # jb is lowest, so y0 >= y1 <= y2: convex or flat
             pts = tuple(sorted(seen.items()))
-            return FidSearchResult(start + (m + v[0]) * step, v[1], pts, stats["new"], stats["cached"], "parabola", bracketed=True)
-        # Walk downhill: one step past the lowest point, on the side where it has no neighbour
-        # (with both neighbours, jb is a bracket and vertex(jb) has returned above).
+            return FidSearchResult(start + (jb + v[0]) * step, v[1], pts, stats["new"], stats["cached"], "parabola", bracketed=True)
+        # Walk downhill: one step past the lowest point, on the side where it has no neighbour.
         j_new = missing[0]
         if not inside(j_new) or len(score) >= max_evals:
             pts = tuple(sorted(seen.items()))
