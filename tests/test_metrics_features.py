@@ -159,6 +159,32 @@ def test_reference_stats_are_cached(tmp_path, untrained, monkeypatch):
         reference_stats(untrained, "cifar-10", cache_dir=tmp_path / "cache")
 
 
+def test_reference_stats_keys_tell_apart_weights_and_data_copies(tmp_path, monkeypatch):
+    from epsscale.data.images import save_npz
+    from epsscale.metrics.features import _dataset_key
+
+    data = str(save_npz(tmp_path / "ref.npz", random_images(20)))
+    # Two networks built in memory (no weights file): each gets its own statistics.
+    torch.manual_seed(0)
+    a = ClassifierFeatures(FashionMNISTClassifier())
+    torch.manual_seed(1)
+    b = ClassifierFeatures(FashionMNISTClassifier())
+    sa = reference_stats(a, data, cache_dir=tmp_path / "cache")
+    sb = reference_stats(b, data, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2 and not np.array_equal(sa.mean, sb.mean)
+    # Fashion-MNIST from another folder is keyed by that folder's files, the Debian copy by its name.
+    monkeypatch.delenv("EPSSCALE_FASHION_MNIST", raising=False)
+    assert _dataset_key("fashion-mnist-test") == "fashion-mnist-test"
+    copy = tmp_path / "fm"
+    copy.mkdir()
+    (copy / "t10k-images-idx3-ubyte.gz").write_bytes(b"x")
+    monkeypatch.setenv("EPSSCALE_FASHION_MNIST", str(copy))
+    first = _dataset_key("fashion-mnist-test")
+    assert first.startswith("fashion-mnist-test-") and first != "fashion-mnist-test"
+    (copy / "t10k-images-idx3-ubyte.gz").write_bytes(b"xy")
+    assert _dataset_key("fashion-mnist-test") != first
+
+
 @pytest.mark.skipif(
     not (FMNIST_WEIGHTS.is_file() and FMNIST_TRAIN_STATS.is_file()), reason="no shipped statistics"
 )

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_ROOT", "CLASSES", "read_idx", "load_fashion_mnist", "to_model_space", "from_model_space"]
+__all__ = ["DEFAULT_ROOT", "CLASSES", "data_root", "read_idx", "load_fashion_mnist", "to_model_space", "from_model_space"]
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -48,11 +48,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
+def data_root() -> Path:
+    """Where Fashion-MNIST is read from by default: ``$EPSSCALE_FASHION_MNIST``, else the Debian package's folder."""
+    return Path(os.environ.get("EPSSCALE_FASHION_MNIST", DEFAULT_ROOT))
+
+
 def load_fashion_mnist(split: Literal["train", "test"] = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [N, 28, 28] and labels uint8 [N] of one split."""
     if split not in _FILES:
         raise ValueError(f"unknown split {split!r}: expected 'train' or 'test'")
-    root = Path(root) if root is not None else Path(os.environ.get("EPSSCALE_FASHION_MNIST", DEFAULT_ROOT))
+    root = Path(root) if root is not None else data_root()
     img_path, lbl_path = (root / n for n in _FILES[split])
     for p in (img_path, lbl_path):
         if not p.is_file():

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -172,6 +172,22 @@ def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def _weights_id(extractor: Any) -> str | None:
+    """What identifies an extractor's weights in a cache key: its ``weights_id`` (a file hash),
+    else, for placeholder ids of networks built in memory, a hash of the network's state."""
+    wid = getattr(extractor, "weights_id", None)
+    if wid is not None and str(wid) not in ("untrained", "random-init", "unknown"):
+        return str(wid)
+    module = extractor if isinstance(extractor, torch.nn.Module) else getattr(extractor, "model", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return "state-" + h.hexdigest()[:16]
+
+
 def load_fmnist_extractor(
     path: str | os.PathLike | None = None, *, device: torch.device | str = "cpu"
 ) -> ClassifierFeatures:
@@ -294,20 +310,34 @@ def _dataset_images(dataset: str) -> np.ndarray:
 
 def _dataset_key(dataset: str) -> str:
     if dataset in _NAMED_DATASETS:
-        return dataset
+        from ..data.fashion_mnist import DEFAULT_ROOT, data_root
+
+        root = data_root()
+        if root.resolve() == DEFAULT_ROOT.resolve():
+            return dataset  # the Debian package's files: the same everywhere
+        # Another copy (EPSSCALE_FASHION_MNIST): keyed by its files, like any folder.
+        return f"{dataset}-{_files_digest(root)}"
     if not Path(dataset).exists():
         raise ValueError(
             f"unknown dataset {dataset!r}; expected 'fashion-mnist-train', 'fashion-mnist-test', "
             "or the path of an .npz / .zip / image folder"
         )
     p = Path(dataset).resolve()
+    return f"{p.stem}-{_files_digest(p)}"
+
+
+def _files_digest(p: Path) -> str:
+    """A digest of a file's or folder's path, and the size and time of every file under it.
+
+    A folder's own size and time do not change when a file in it (or in a subfolder) is
+    replaced, so a folder is keyed by every file under it.
+    """
+    p = p.resolve()
     h = hashlib.sha256(str(p).encode())
-    # A folder's own size and time do not change when a file in it (or in a subfolder) is
-    # replaced, so a folder is keyed by every file under it.
     for f in sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]:
         st = f.stat()
         h.update(f"|{f.relative_to(p) if f != p else ''}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return f"{p.stem}-{h.hexdigest()[:12]}"
+    return h.hexdigest()[:12]
 
 
 def reference_stats(
@@ -326,7 +356,10 @@ def reference_stats(
     ``cache_dir`` (default ``$EPSSCALE_CACHE`` or ``~/.cache/epsscale``). For the shipped
     classifier and the train split, the statistics shipped in ``epsscale/assets`` are used.
     """
-    weights_id = str(getattr(extractor, "weights_id", "unknown"))
+    weights_id = _weights_id(extractor)
+    if weights_id is None:  # nothing identifies the weights: compute, but never share a cache file
+        log.info("computing reference statistics of %s (extractor without weights_id: not cached)", dataset)
+        return feature_stats(_dataset_images(dataset), extractor, batch_size=batch_size, progress=progress)
     key = f"{_dataset_key(dataset)}-{extractor.name}-{weights_id}"
 
     # Shipped statistics.
