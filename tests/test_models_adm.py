@@ -201,6 +201,30 @@ def test_timestep_embedding_formula() -> None:
     torch.testing.assert_close(emb.double(), expected, rtol=0, atol=2e-4)  # float32 phase at t=999
 
 
+def test_timestep_embedding_rounds_like_guided_diffusion() -> None:
+    # guided-diffusion computes its float32 frequencies as (-log P * arange(h)) / h; at some widths
+    # (192: ImageNet-64 and LSUN) -log P * (arange(h) / h) rounds differently, by up to 3e-5.
+    t = torch.tensor([0, 1, 500, 999])
+    for dim in (7, 32, 128, 192, 256):
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+        args = t[:, None].float() * freqs[None]
+        ref = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        assert torch.equal(timestep_embedding(t, dim)[:, : 2 * half], ref), dim
+
+
+def test_a_half_precision_model_runs() -> None:
+    flags = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "in_channels": 1,
+             "attention_resolutions": "4", "channel_mult": "1,2", "learn_sigma": True}  # fmt: skip
+    torch.manual_seed(0)
+    model = create_adm_model(flags)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    full = model(x, t)
+    half = model.half()(x.half(), t)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), full, rtol=0, atol=5e-2)
+
+
 def test_forward_checks_labels() -> None:
     model, ref = _tiny("tiny_cond")
     with pytest.raises(ValueError, match="class-conditional"):

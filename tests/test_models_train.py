@@ -34,6 +34,23 @@ def test_hybrid_loss_vanishes_for_the_true_posterior():
     assert abs(parts["vb"]) < 1e-4
 
 
+def test_vlb_is_rescaled_by_t_over_1000_like_improved_diffusion():
+    from types import SimpleNamespace
+
+    sch = VPSchedule("cosine", 2000)
+    # The same tables, but claiming T = 1000: the only difference is the T / 1000 factor.
+    as_1000 = SimpleNamespace(alphas_cumprod=sch.alphas_cumprod, betas=sch.betas, num_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 3, 700, 1999])
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    wrap = lambda x, t: net(x)  # noqa: E731
+    _, a = hybrid_loss(wrap, sch, x0, t, eps)
+    _, b = hybrid_loss(wrap, as_1000, x0, t, eps)
+    assert a["mse"] == b["mse"] and a["vb"] == pytest.approx(2 * b["vb"], rel=1e-6) and b["vb"] > 0
+
+
 def test_hybrid_loss_penalises_wrong_variance():
     sch = VPSchedule("cosine")
     x0 = torch.zeros(4, 1, 8, 8)

@@ -66,7 +66,10 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(_NORM_GROUPS, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        # Parameters too in float32, so that a .half() model works like the reference.
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -86,9 +89,9 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     """
     half = dim // 2
     # The frequencies are computed on the CPU in float32 and then moved, exactly as the reference
-    # does: at t ~ 1000 one ulp in a frequency moves the phase by ~6e-5.
-    exponent = torch.arange(half, dtype=torch.float32) / half
-    freqs = torch.exp(-math.log(max_period) * exponent).to(timesteps.device)
+    # does, in its order: (-log P * i) / h, not -log P * (i / h), which rounds differently for
+    # some widths (192: up to 3e-5). At t ~ 1000 one ulp in a frequency moves the phase by ~6e-5.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(timesteps.device)
     args = timesteps[:, None].float() * freqs[None]  # [N, half]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

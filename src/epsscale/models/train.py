@@ -2,7 +2,9 @@
 
 Loss: the hybrid objective of Nichol & Dhariwal (2021), ``L_simple + L_vlb`` where the VLB term
 trains only the variance (the mean's gradient is stopped), computed for one random t per sample
-in bits per dim, which weights it by 1/T relative to the full sum (their lambda = 0.001).
+in bits per dim and rescaled by T / 1000 as improved-diffusion does, which weights it by 0.001
+relative to the full sum (their lambda). On top of the reference: a linear learning-rate warm-up
+and gradient-norm clipping at 1.
 
 Optional input perturbation (Ning et al. 2023, "DDPM-IP"): the network sees
 ``sqrt(abar) x0 + sqrt(1 - abar) (eps + gamma xi)`` but is asked for eps.
@@ -128,7 +130,8 @@ def hybrid_loss(net: nn.Module, schedule: VPSchedule, x0: torch.Tensor, t: torch
     model_logvar = frac * g(betas.log()) + (1 - frac) * g(post_logvar_clipped)
     kl = _normal_kl(true_mean, g(post_logvar_clipped), model_mean, model_logvar).mean(dim=(1, 2, 3)) / math.log(2)
     nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).mean(dim=(1, 2, 3)) / math.log(2)
-    vb = torch.where(t == 0, nll, kl)
+    # improved-diffusion rescales the VLB by T / 1000, so lambda = 0.001 holds for any T.
+    vb = torch.where(t == 0, nll, kl) * (schedule.num_timesteps / 1000.0)
 
     loss = (mse + vb).mean()
     return loss, {"mse": float(mse.detach().mean()), "vb": float(vb.detach().mean())}
@@ -235,7 +238,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
         acc["mse"].append(parts["mse"])
         acc["vb"].append(parts["vb"])
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{acc['loss'][-1]:.4f}")
 
         if step % cfg.save_every == 0 or step == cfg.steps:
             log.append({"step": step, **{k: float(np.mean(v)) for k, v in acc.items()}, "time": time.time()})
