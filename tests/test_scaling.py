@@ -108,8 +108,10 @@ def test_numpy_and_tensor_scalars_are_numbers_and_bools_are_not():
 def test_linear_refuses_a_grid_that_is_not_a_sampling_grid():
     g = torch.tensor([10.0, 2.0, 0.5, 0.0], dtype=torch.float64)
     lin = Linear(0.1, 1.0)
-    # With or without the trailing 0, the same steps get the same lambdas (i = 0 is the last step).
-    assert lin.bind(g).lams == lin.bind(g[:-1]).lams == pytest.approx((1.2, 1.1, 1.0))
+    # The network is evaluated at all sigmas but the last (i = 0 is the last step), also on a
+    # grid that ends above 0 (part of a chain).
+    assert lin.bind(g).lams == pytest.approx((1.2, 1.1, 1.0))
+    assert lin.bind(g[:-1]).lams == pytest.approx((1.1, 1.0)) and lin.bind(g[:-1]).sigmas == (10.0, 2.0)
     for bad in (g.flip(0), g[1:].flip(0), torch.tensor([10.0, 10.0, 0.0]), torch.tensor([1.0, -1.0, 0.0]), torch.tensor([0.0])):
         with pytest.raises(ValueError, match="sampling grid"):
             eps_scaling(GaussianDenoiser(), lin, sigmas=bad)

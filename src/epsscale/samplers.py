@@ -135,8 +135,6 @@ def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
         raise ValueError("sigmas must be finite and >= 0")
     if not bool((s[1:] < s[:-1]).all()):
         raise ValueError("sigmas must be strictly decreasing")
-    if s[-1] != 0:
-        raise ValueError(f"sigmas must end in 0 (the clean sample), got {s[-1].item():g}; append a 0 to the grid")
     return s
 
 
@@ -399,8 +397,9 @@ def _edm(
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
 
-        # Apply 2nd order correction (never on the last step, where t_next = 0).
-        if second_order and i < steps - 1:
+        # Apply 2nd order correction, except on a step to sigma = 0 (EDM: the last step). A grid
+        # that stops above 0 (part of a chain) is Heun throughout.
+        if second_order and t_next > 0:
             denoised_next = _call(denoiser, x_next, t_next, cond).x0.to(torch.float64)
             d_prime = (x_next - denoised_next) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)

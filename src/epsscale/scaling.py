@@ -129,17 +129,16 @@ class Linear:
 
 
 def _grid_steps(sigmas: torch.Tensor) -> torch.Tensor:
-    """The sigmas at which a sampling grid evaluates the network (a trailing 0 dropped).
+    """The sigmas at which a sampler running this grid evaluates the network: all but the last.
 
-    Step indices count on this grid, so it must run the way a sampler does: strictly decreasing
-    and positive (an ascending table, such as a model's ``sigmas``, would reverse lambda).
+    The last entry is where sampling ends (0 for a whole chain, above 0 for part of one). Step
+    indices count on this grid, so it must run the way a sampler does: strictly decreasing and
+    positive before the end (an ascending table, such as a model's ``sigmas``, would reverse lambda).
     """
     s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-    if len(s) > 1 and s[-1] == 0:
-        s = s[:-1]
-    if len(s) == 0 or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()) or not bool((s[1:] < s[:-1]).all()):
-        raise ValueError("Linear needs the sampling grid: positive sigmas, strictly decreasing (a trailing 0 is allowed)")
-    return s
+    if len(s) < 2 or not bool(torch.isfinite(s).all()) or not bool((s[:-1] > 0).all()) or s[-1] < 0 or not bool((s[1:] < s[:-1]).all()):
+        raise ValueError("Linear needs the sampling grid: strictly decreasing sigmas, the last one (where sampling ends) >= 0")
+    return s[:-1]
 
 
 @dataclass(frozen=True)
@@ -164,8 +163,9 @@ class PerSigma:
         _check_lam(lam, "PerSigma")
         order = torch.argsort(s)
         s, lam = s[order], lam[order]
-        if bool((s[1:] == s[:-1]).any()):
-            raise ValueError("PerSigma: sigmas must be distinct")
+        # Distinct in log sigma, where it interpolates (0.001 and its next float share a log).
+        if bool((s[1:].log() <= s[:-1].log()).any()):
+            raise ValueError("PerSigma: sigmas must be distinct (even in log sigma)")
         object.__setattr__(self, "_log_s", s.log())
         object.__setattr__(self, "_lam", lam)
 

@@ -247,7 +247,8 @@ def _sigma_now(scheduler: Any, kind: str, t_model: Any, batch: int) -> torch.Ten
 
 
 def _sigma_grid(scheduler: Any, kind: str) -> torch.Tensor:
-    """Distinct finite VE sigmas at which the scheduler evaluates the network, descending."""
+    """The sampling grid as the core samplers see it: the distinct finite VE sigmas at which the
+    scheduler evaluates the network, descending, then a final 0 (where sampling ends)."""
     ts = getattr(scheduler, "timesteps", None)
     if ts is None:
         raise ValueError(
@@ -266,7 +267,7 @@ def _sigma_grid(scheduler: Any, kind: str) -> torch.Tensor:
     g = g[torch.isfinite(g) & (g > 0)]
     if g.numel() == 0:
         raise ValueError(f"{type(scheduler).__name__}: no finite positive sigma on the sampling grid")
-    return torch.unique(g).flip(0)
+    return torch.cat([torch.unique(g).flip(0), g.new_zeros(1)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def _check_schedule(lam: Any) -> tuple[Any, Union[Uniform, PerSigma, None]]:
         lam = float(lam)
     if _is_step_indexed(lam):
         # The last step (i = 0) has lambda = b on every grid; longer grids are checked when bound.
-        resolve_schedule(lam, torch.ones(1, dtype=torch.float64))
+        resolve_schedule(lam, torch.tensor([1.0, 0.0], dtype=torch.float64))
         return lam, None
     return lam, resolve_schedule(lam)
 
