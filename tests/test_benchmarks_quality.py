@@ -24,6 +24,22 @@ def write_grid(tune_dir: Path, sampler: str, steps: int, points, grid: str | Non
     (tune_dir / f"{sampler}_{grid or ''}_{steps}_500.json").write_text(json.dumps(d))
 
 
+def some_results(quality, tune_dir: Path, ref: str) -> dict:
+    """Tuning grids in ``tune_dir`` and a cache of held-out results: DDIM 20 tuned and evaluated,
+    DDIM 100 still tuning, Heun 20 on the demo's grid (evaluated at lambda = 1 only) and from sigma 25."""
+    write_grid(tune_dir, "ddim", 20, [(0.99, 236.3), (1.0, 218.4), (1.01, 212.9), (1.02, 223.1)])
+    write_grid(tune_dir, "ddim", 100, [(0.99, 184.8), (1.0, 169.8)])
+    write_grid(tune_dir, "heun", 20, [(1.0, 181.6), (1.005, 178.7), (1.01, 178.8)])
+    write_grid(tune_dir, "heun", 20, [(1.0, 144.9), (1.005, 143.9), (1.01, 146.8)], grid="karras25")
+    return {
+        quality.point_key("ddim", "ddim", 20, 1.0, 5000, 0, ref): {"fid": 200.0},
+        quality.point_key("ddim", "ddim", 20, 1.01, 5000, 0, ref): {"fid": 190.0},
+        quality.point_key("heun", "karras", 20, 1.0, 5000, 0, ref): {"fid": 180.0},
+        quality.point_key("heun", "karras25", 20, 1.0, 5000, 0, ref): {"fid": 150.0},
+        quality.point_key("heun", "karras25", 20, 1.005, 5000, 0, ref): {"fid": 147.0},
+    }
+
+
 def test_grid_labels_keep_the_demo_keys_and_mark_a_moved_karras_top(quality):
     assert quality.grid_label("euler") == quality.grid_label("euler", 13.0) == "karras"
     assert quality.grid_label("heun", 25.0) == "karras25"
@@ -42,18 +58,8 @@ def test_a_grid_whose_minimum_is_at_an_end_is_unfinished(quality, tmp_path):
 
 
 def test_report_rows_and_change(quality, tmp_path):
-    write_grid(tmp_path, "ddim", 20, [(0.99, 236.3), (1.0, 218.4), (1.01, 212.9), (1.02, 223.1)])
-    write_grid(tmp_path, "ddim", 100, [(0.99, 184.8), (1.0, 169.8)])
-    write_grid(tmp_path, "heun", 20, [(1.0, 181.6), (1.005, 178.7), (1.01, 178.8)])
-    write_grid(tmp_path, "heun", 20, [(1.0, 144.9), (1.005, 143.9), (1.01, 146.8)], grid="karras25")
     ref = "fashion-mnist-test"
-    cache = {
-        quality.point_key("ddim", "ddim", 20, 1.0, 5000, 0, ref): {"fid": 200.0},
-        quality.point_key("ddim", "ddim", 20, 1.01, 5000, 0, ref): {"fid": 190.0},
-        quality.point_key("heun", "karras", 20, 1.0, 5000, 0, ref): {"fid": 180.0},
-        quality.point_key("heun", "karras25", 20, 1.0, 5000, 0, ref): {"fid": 150.0},
-        quality.point_key("heun", "karras25", 20, 1.005, 5000, 0, ref): {"fid": 147.0},
-    }
+    cache = some_results(quality, tmp_path, ref)
     text = quality.report(cache, tmp_path, 5000, 0, ref, None)
     assert "| ddim | 20 | 20 | 1.01 | 200.00 | 190.00 | -5.0% |" in text
     assert "| ddim | 100 | 100 | tuning unfinished | not run | not run |  |" in text
@@ -80,18 +86,8 @@ def test_write_tables_without_markers_is_an_error_and_leaves_the_file(quality, t
 
 
 def test_summary_is_steps_by_sampler_on_the_demo_grids_only(quality, tmp_path):
-    write_grid(tmp_path, "ddim", 20, [(0.99, 236.3), (1.0, 218.4), (1.01, 212.9), (1.02, 223.1)])
-    write_grid(tmp_path, "ddim", 100, [(0.99, 184.8), (1.0, 169.8)])
-    write_grid(tmp_path, "heun", 20, [(1.0, 181.6), (1.005, 178.7), (1.01, 178.8)])
-    write_grid(tmp_path, "heun", 20, [(1.0, 144.9), (1.005, 143.9), (1.01, 146.8)], grid="karras25")
     ref = "fashion-mnist-test"
-    cache = {
-        quality.point_key("ddim", "ddim", 20, 1.0, 5000, 0, ref): {"fid": 200.0},
-        quality.point_key("ddim", "ddim", 20, 1.01, 5000, 0, ref): {"fid": 190.0},
-        quality.point_key("heun", "karras", 20, 1.0, 5000, 0, ref): {"fid": 180.0},
-        quality.point_key("heun", "karras25", 20, 1.0, 5000, 0, ref): {"fid": 150.0},
-        quality.point_key("heun", "karras25", 20, 1.005, 5000, 0, ref): {"fid": 147.0},
-    }
+    cache = some_results(quality, tmp_path, ref)
     text = quality.summary(cache, tmp_path, 5000, 0, ref)
     assert "| steps | ddim | heun |" in text
     assert "| 20 | -5.0% (1.01) | not evaluated (b = 1.005) |" in text
