@@ -31,7 +31,8 @@ def ckpt(tmp_path_factory):
     return p
 
 
-def oracle(net, seeds, respacing, use_ddim, eps_scaler, clip=True):
+def oracle(net, seeds, respacing, use_ddim, eps_scaler, clip=True, variance="learned_range"):
+    """guided-diffusion's p_sample_loop / ddim_sample_loop with ADM-ES's eps_scaler, in numpy tables."""
     base = VPSchedule("cosine")
     kept = space_timesteps(1000, respacing)
     ac_full = base.alphas_cumprod.numpy()
@@ -53,14 +54,19 @@ def oracle(net, seeds, respacing, use_ddim, eps_scaler, clip=True):
     for t in reversed(range(len(kept))):
         with torch.no_grad():
             out = net(img, torch.full((len(seeds),), kept[t]))
-        eps, v = out[:, :3] / eps_scaler, out[:, 3:]
+        eps, v = out[:, :3] / eps_scaler, out[:, 3:]  # v: learned range (absent without learn_sigma)
         x0 = f32(np.sqrt(1 / ac), t) * img - f32(np.sqrt(1 / ac - 1), t) * eps
         if clip:
             x0 = x0.clamp(-1, 1)
         noise = gen.randn_like(img)
         if not use_ddim:
-            frac = (v + 1) / 2
-            logvar = frac * f32(np.log(betas), t) + (1 - frac) * f32(post_logvar_clipped, t)
+            if variance == "learned_range":
+                frac = (v + 1) / 2
+                logvar = frac * f32(np.log(betas), t) + (1 - frac) * f32(post_logvar_clipped, t)
+            elif variance == "fixed_large":  # guided-diffusion: append(posterior_variance[1], betas[1:])
+                logvar = f32(np.log(np.append(post_var[1], betas[1:])), t).expand_as(img)
+            else:
+                logvar = f32(post_logvar_clipped, t).expand_as(img)
             mean = f32(coef1, t) * x0 + f32(coef2, t) * img
             img = mean + (0.0 if t == 0 else 1.0) * torch.exp(0.5 * logvar) * noise
         else:
@@ -133,3 +139,68 @@ def test_preset_supplies_the_papers_flags(ckpt, tmp_path, capsys):
     assert "steps" in capsys.readouterr().err
     assert main(["sample", "--preset", "adm-cifar10", "--out", str(tmp_path / "x.npz")]) == 2
     assert "--guided-diffusion" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sigma_small, variance", [(None, "fixed_large"), ("True", "fixed_small")])
+def test_fixed_variance_checkpoints_sample_like_guided_diffusion(tmp_path, sigma_small, variance):
+    # learn_sigma False: guided-diffusion's default is the large variance (beta_t), sigma_small the posterior's.
+    flags = {**json.loads((TINY / "tiny_uncond.json").read_text()), "learn_sigma": False}
+    torch.manual_seed(0)
+    net = create_adm_model(flags)
+    with torch.no_grad():
+        net.out[-1].weight.normal_(0, 0.02)  # not ADM's zero init: the network must matter
+    torch.save(net.state_dict(), tmp_path / "nols.pt")
+    text = MODEL_FLAGS.replace("--learn_sigma True", "--learn_sigma False") + " --noise_schedule cosine --timestep_respacing 10 --num_samples 3"
+    if sigma_small:
+        text += f" --sigma_small {sigma_small}"
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--guided-diffusion", str(tmp_path / "nols.pt"), "--flags", text, "--out", str(out), "--quiet"]) == 0
+    ref = oracle(net.eval(), [0, 1, 2], "10", False, 1.0, variance=variance)
+    diff = np.abs(np.load(out)["arr_0"].astype(int) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_options_the_flags_decide_are_refused(ckpt, tmp_path, capsys):
+    flags = f"{MODEL_FLAGS} --noise_schedule cosine --timestep_respacing 4"
+    for extra, needle in ((["--sampler", "ddim"], "--sampler"), (["--no-clip"], "--clip"), (["--steps", "5"], "--steps"), (["--disc", "karras"], "--disc")):
+        code = main(["sample", "--guided-diffusion", str(ckpt), "--flags", flags, *extra, "--out", str(tmp_path / "x.npz")])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "--flags" in err and len(err.strip().splitlines()) == 1, err
+    code = main(["sample", "--guided-diffusion", str(ckpt), "--flags", f"{flags} --model_path other.pt", "--out", str(tmp_path / "x.npz")])
+    assert code == 2 and "--model_path" in capsys.readouterr().err
+    code = main(["sample", "--guided-diffusion", str(ckpt), "--flags", f"{flags} --classifier_scale 10", "--out", str(tmp_path / "x.npz")])
+    assert code == 2 and "needs a classifier" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_preset_takes_its_lambda_from_the_flags_chain(ckpt, tmp_path, capsys, monkeypatch):
+    import epsscale.presets as presets
+
+    asked = []
+    real = presets.get_preset
+    monkeypatch.setattr(presets, "get_preset", lambda name, **kw: asked.append(kw["steps"]) or real(name, **kw))
+    main(["sample", "--guided-diffusion", str(ckpt), "--preset", "adm-lsun-tower64", "--flags", "--timestep_respacing 100", "--out", str(tmp_path / "x.npz")])
+    assert asked == [100]  # not --steps' default 20
+    capsys.readouterr()
+    for extra, needle in ((["--steps", "50"], "disagree"), (["--flags", "--use_ddim True"], "ancestral")):
+        flags = ["--flags", "--timestep_respacing 100"] if extra[0] != "--flags" else []
+        code = main(["sample", "--guided-diffusion", str(ckpt), "--preset", "adm-lsun-tower64", *flags, *extra, "--out", str(tmp_path / "x.npz")])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err, err
+
+
+def test_classifier_flags_in_the_flags_guide_an_unconditional_model(ckpt, tmp_path):
+    from epsscale.models.adm_classifier import create_adm_classifier
+
+    cflags = "--classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 16 --classifier_pool attention --classifier_use_scale_shift_norm True --classifier_resblock_updown True"
+    torch.manual_seed(0)
+    clf = create_adm_classifier({k: v for k, v in parse_flags(f"--image_size 32 {cflags}").items()})
+    torch.save(clf.state_dict(), tmp_path / "clf.pt")
+    base = f"{MODEL_FLAGS} --noise_schedule cosine --timestep_respacing 3 --num_samples 2 {cflags}"
+    plain, guided = tmp_path / "plain.npz", tmp_path / "guided.npz"
+    assert main(["sample", "--guided-diffusion", str(ckpt), "--flags", base, "--out", str(plain), "--quiet"]) == 0
+    assert main(["sample", "--guided-diffusion", str(ckpt), "--flags", f"{base} --classifier_path {tmp_path / 'clf.pt'} --classifier_scale 10", "--out", str(guided), "--quiet"]) == 0
+    g = np.load(guided)
+    # classifier_sample.py: labels drawn for the classifier are saved with the images.
+    assert g["arr_0"].shape == (2, 32, 32, 3) and g["arr_1"].shape == (2,) and "arr_1" not in np.load(plain).files
+    assert not np.array_equal(g["arr_0"], np.load(plain)["arr_0"])

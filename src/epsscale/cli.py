@@ -165,22 +165,28 @@ def sampler_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def _add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = 20) -> None:
+# Sampling options that --guided-diffusion takes from --flags instead: (option, args attribute).
+_GD_IGNORED = (("--sampler", "sampler"), ("--disc", "grid_kind"), ("--sigma-max", "sigma_max"), ("--eta", "eta"), ("--clip/--no-clip", "clip"), ("--s-churn", "s_churn"), ("--s-tmin", "s_tmin"), ("--s-tmax", "s_tmax"), ("--s-noise", "s_noise"))
+_SAMPLE_STEPS = 20  # epsscale sample's default --steps
+_SAMPLE_DEFAULTS = {"sampler": "ddpm", "grid_kind": "respaced", "sigma_max": None, "eta": 0.0, "clip": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = _SAMPLE_STEPS) -> None:
     p.add_argument("--model", default="fmnist", help="shipped model name (fmnist, toy) or a directory with model.json + model.safetensors")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=_SAMPLE_DEFAULTS["sampler"])
     p.add_argument("--steps", type=positive_int, default=default_steps, help="sampling steps (respaced chain length T')")
-    p.add_argument("--disc", dest="grid_kind", default="respaced", choices=("respaced", "ddim", "karras"), help="time discretisation: guided-diffusion respacing of the 1000 steps (default), integer-stride 'ddimN', or EDM's Karras sigmas")
+    p.add_argument("--disc", dest="grid_kind", default=_SAMPLE_DEFAULTS["grid_kind"], choices=("respaced", "ddim", "karras"), help="time discretisation: guided-diffusion respacing of the 1000 steps (default), integer-stride 'ddimN', or EDM's Karras sigmas")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--eps-scale", type=lam_float, default=None, metavar="B", help="uniform Epsilon Scaling lambda (1 = off)")
     g.add_argument("--eps-schedule", default=None, metavar="FILE", help="schedule JSON (from epsscale calibrate)")
-    p.add_argument("--sigma-max", type=nonneg_float, default=None, help="top of the karras grid (default: the model config's sampling.karras_sigma_max, 25 for fmnist; else 80), capped at the model's")
-    p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM stochasticity")
-    p.add_argument("--clip", type=nonneg_float, default=1.0, help="clip x0 to [-c, c] for ddpm/ddim (ADM: 1)")
+    p.add_argument("--sigma-max", type=nonneg_float, default=_SAMPLE_DEFAULTS["sigma_max"], help="top of the karras grid (default: the model config's sampling.karras_sigma_max, 25 for fmnist; else 80), capped at the model's")
+    p.add_argument("--eta", type=nonneg_float, default=_SAMPLE_DEFAULTS["eta"], help="DDIM stochasticity")
+    p.add_argument("--clip", type=nonneg_float, default=_SAMPLE_DEFAULTS["clip"], help="clip x0 to [-c, c] for ddpm/ddim (ADM: 1)")
     p.add_argument("--no-clip", dest="clip", action="store_const", const=None)
-    p.add_argument("--s-churn", type=nonneg_float, default=0.0)
-    p.add_argument("--s-tmin", type=nonneg_float, default=0.0)
-    p.add_argument("--s-tmax", type=nonneg_float, default=float("inf"))
-    p.add_argument("--s-noise", type=nonneg_float, default=1.0)
+    p.add_argument("--s-churn", type=nonneg_float, default=_SAMPLE_DEFAULTS["s_churn"])
+    p.add_argument("--s-tmin", type=nonneg_float, default=_SAMPLE_DEFAULTS["s_tmin"])
+    p.add_argument("--s-tmax", type=nonneg_float, default=_SAMPLE_DEFAULTS["s_tmax"])
+    p.add_argument("--s-noise", type=nonneg_float, default=_SAMPLE_DEFAULTS["s_noise"])
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
@@ -321,11 +327,31 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
     flags = parse_flags(args.flags or "")
     if (args.eps_scale is not None or args.eps_schedule) and "eps_scaler" in flags:
         raise UserError("give lambda once: either --eps_scaler inside --flags or --eps-scale/--eps-schedule")
+    # The sampler, its grid and options come from the flags (image_sample.py's); ours would be ignored.
+    ignored = [opt for opt, dest in _GD_IGNORED if getattr(args, dest) != _SAMPLE_DEFAULTS[dest]]
+    if args.steps != _SAMPLE_STEPS and not args.preset:
+        ignored.insert(0, "--steps")
+    if ignored:
+        raise UserError(f"{', '.join(ignored)} cannot apply to --guided-diffusion: its sampler, grid and clipping come from --flags (--timestep_respacing, --use_ddim, --clip_denoised)")
+    if flags.get("model_path") and Path(flags["model_path"]).resolve() != Path(args.guided_diffusion).resolve():
+        raise UserError(f"--model_path {flags['model_path']} in --flags is not --guided-diffusion {args.guided_diffusion}")
     preset = None
     if args.preset:
         from .presets import get_preset
 
-        preset = get_preset(args.preset, steps=args.steps, es=args.preset_es)
+        steps = args.steps
+        respacing = str(flags.get("timestep_respacing", ""))
+        if respacing:
+            # The preset's lambda is the one for the chain the flags ask for.
+            n = respacing[4:] if respacing.startswith("ddim") else respacing
+            if not n.isdigit():
+                raise UserError(f"--preset needs a plain step count in --timestep_respacing (100, 50 or 20), got {respacing!r}")
+            if args.steps != _SAMPLE_STEPS and args.steps != int(n):
+                raise UserError(f"--steps {args.steps} and --timestep_respacing {respacing} disagree")
+            steps = int(n)
+        if str(flags.get("use_ddim", "False")).strip().lower() in ("true", "1", "yes", "t", "y"):
+            raise UserError("the paper's ADM presets are for the ancestral sampler; drop --use_ddim True or --preset")
+        preset = get_preset(args.preset, steps=steps, es=args.preset_es)
         if preset["framework"] != "adm":
             raise UserError(f"preset {args.preset} is an EDM preset; use it with --edm PKL")
         flags = {**{k: str(v) for k, v in {**preset["model_flags"], **preset["diffusion_flags"]}.items()}, "class_cond": str(preset["conditional"]), **flags}
@@ -344,11 +370,24 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
     image_size = int(flags.get("image_size", 64))
     in_ch = int(flags.get("in_channels", 3))
     opts: dict[str, Any] = {"clip": st.clip}
-    if args.classifier or (preset and preset["guidance"]):
+    if st.sampler == "ddpm":
+        opts["variance"] = st.variance
+    # classifier_sample.py's --classifier_path / --classifier_scale may come inside --flags.
+    clf_path = args.classifier or st.classifier_path or None
+    if args.classifier and st.classifier_path and Path(args.classifier).resolve() != Path(st.classifier_path).resolve():
+        raise UserError(f"--classifier {args.classifier} and --classifier_path {st.classifier_path} in --flags disagree")
+    if args.classifier_scale is not None and st.classifier_scale is not None and args.classifier_scale != st.classifier_scale:
+        raise UserError(f"--classifier-scale {args.classifier_scale:g} and --classifier_scale {st.classifier_scale:g} in --flags disagree")
+    if st.classifier_scale is not None and not clf_path:
+        raise UserError("--classifier_scale in --flags needs a classifier: --classifier_path in --flags, or --classifier CKPT")
+    if clf_path or (preset and preset["guidance"]):
         if st.sampler != "ddpm":
             raise UserError("classifier guidance is implemented for the ancestral sampler (use_ddim False)")
-        if not args.classifier:
+        if not clf_path:
             raise UserError(f"preset {args.preset} uses classifier guidance: pass --classifier CKPT.pt ({preset['guidance']['classifier_checkpoint']})")
+        if not st.class_cond:
+            # classifier_sample.py with an unconditional model: the labels steer the classifier only.
+            den = _WithoutLabels(den)
         from .models.adm_classifier import classifier_guidance, create_adm_classifier
         from .models.adm import load_adm_state_dict
         import torch
@@ -356,21 +395,31 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
         cflags = {**(preset["guidance"]["classifier_flags"] if preset and preset["guidance"] else {}), **flags}
         clf = create_adm_classifier(cflags)
         try:
-            cstate = torch.load(args.classifier, map_location="cpu", weights_only=True)
+            cstate = torch.load(clf_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"{args.classifier}: cannot read classifier checkpoint ({str(e).splitlines()[0][:200]})") from None
+            raise UserError(f"{clf_path}: cannot read classifier checkpoint ({str(e).splitlines()[0][:200]})") from None
         load_adm_state_dict(clf, cstate)
-        scale = args.classifier_scale if args.classifier_scale is not None else (preset["guidance"]["scale"] if preset and preset["guidance"] else 1.0)
+        scale = next((v for v in (args.classifier_scale, st.classifier_scale) if v is not None), preset["guidance"]["scale"] if preset and preset["guidance"] else 1.0)
         opts["classifier_grad"] = classifier_guidance(clf.eval(), st.schedule, scale)
     work = _work_dir(args, out)
     res = dist.sample_seeds(
         eps_scaling(den, lam, sigmas=sigmas), seeds, (in_ch, image_size, image_size), sampler=st.sampler,
         sigmas=sigmas, to_uint8=to_uint8, batch_size=args.batch or st.batch_size, prior_kind="vp",
-        sampler_opts=opts, num_classes=1000 if st.class_cond else None, labels=labels, work_dir=work,
+        sampler_opts=opts, num_classes=1000 if st.class_cond or "classifier_grad" in opts else None, labels=labels, work_dir=work,
         job_meta={"model": _fingerprint(args.guided_diffusion), "lam": repr(lam), "flags": args.flags, "preset": args.preset},
         outputs=(out, grid_png), progress=not args.quiet, device=device,
     )
     return _write_samples(res, out, grid_png, work, None if args.quiet else f"({st.sampler}, respacing {st.respacing}, lambda {lam})")
+
+
+class _WithoutLabels:
+    """An unconditional denoiser that ignores the class labels meant for a guidance classifier."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, x: Any, sigma: Any, y: Any = None, **cond: Any) -> Any:
+        return self.inner(x, sigma, **cond)
 
 
 def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> int:

@@ -7,11 +7,14 @@ dict (a plain ``torch.save``), and wraps it as a VP denoiser. ``run_settings`` t
 diffusion flags into our sampler, grid and options:
 
 * ``timestep_respacing`` -> the respaced sigma grid (``""`` keeps all ``diffusion_steps``);
-* ``use_ddim`` -> ``ddim`` (eta 0) else ``ddpm`` ancestral with ADM's learned-range variance;
+* ``use_ddim`` -> ``ddim`` (eta 0) else ``ddpm`` ancestral: learned-range variance with
+  ``learn_sigma``, else ``fixed_large`` (guided-diffusion's default) or ``fixed_small`` with
+  ``sigma_small``;
 * ``clip_denoised`` -> x0 clipped to [-1, 1] (after ES, as ADM-ES does);
 * ``eps_scaler`` (ADM-ES's flag) -> uniform ES lambda: absent means 1.0, and a value <= 0 is
   rejected (ADM-ES's default of 0.0 would divide by zero);
-* ``batch_size``, ``num_samples``, ``class_cond``.
+* ``batch_size``, ``num_samples``, ``class_cond``; ``classifier_path`` and ``classifier_scale``
+  (``classifier_sample.py``'s) for classifier guidance.
 
 Images are written the way ``image_sample.py`` does: ``((x + 1) * 127.5).clamp(0, 255)``
 truncated to uint8, NHWC, in ``arr_0`` (labels in ``arr_1`` when class-conditional).
@@ -40,6 +43,7 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "noise_schedule": "linear",
     "timestep_respacing": "",
     "learn_sigma": False,
+    "sigma_small": False,
     "predict_xstart": False,
     "use_kl": False,
     "rescale_timesteps": False,
@@ -51,8 +55,11 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "model_path": "",
     "class_cond": False,
     "eps_scaler": None,
+    "classifier_path": "",
+    "classifier_scale": None,
 }
-_BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+# guided-diffusion's str2bool spellings.
+_BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "t": True, "f": False, "y": True, "n": False}
 
 
 def parse_flags(text: str) -> dict[str, Any]:
@@ -109,6 +116,9 @@ class RunSettings:
     schedule: VPSchedule
     prediction: str
     learn_sigma: bool
+    variance: str
+    classifier_path: str
+    classifier_scale: float | None
 
 
 def run_settings(flags: dict[str, Any]) -> RunSettings:
@@ -128,6 +138,15 @@ def run_settings(flags: dict[str, Any]) -> RunSettings:
             raise ValueError(f"flag --eps_scaler must be finite and > 0 (it divides eps), got {f['eps_scaler']!r}")
     respacing = str(f["timestep_respacing"]) or str(steps)
     use_ddim = _as_bool("use_ddim", f["use_ddim"])
+    learn_sigma = _as_bool("learn_sigma", f["learn_sigma"])
+    scale = None
+    if f["classifier_scale"] is not None:
+        try:
+            scale = float(f["classifier_scale"])
+        except ValueError:
+            raise ValueError(f"flag --classifier_scale: expected a number, got {f['classifier_scale']!r}") from None
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"flag --classifier_scale must be finite and >= 0, got {f['classifier_scale']!r}")
     return RunSettings(
         sampler="ddim" if use_ddim else "ddpm",
         respacing=respacing,
@@ -138,7 +157,10 @@ def run_settings(flags: dict[str, Any]) -> RunSettings:
         class_cond=_as_bool("class_cond", f["class_cond"]),
         schedule=VPSchedule(f["noise_schedule"], steps),
         prediction="x0" if _as_bool("predict_xstart", f["predict_xstart"]) else "eps",
-        learn_sigma=_as_bool("learn_sigma", f["learn_sigma"]),
+        learn_sigma=learn_sigma,
+        variance="learned_range" if learn_sigma else ("fixed_small" if _as_bool("sigma_small", f["sigma_small"]) else "fixed_large"),
+        classifier_path=str(f["classifier_path"]),
+        classifier_scale=scale,
     )
 
 
