@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,31 @@ def test_cli_samples_an_edm_pickle_with_a_preset(tmp_path, capsys):
     assert code == 0
     z = np.load(out)
     assert z["arr_0"].shape == (6, 8, 8, 3) and z["arr_1"].shape == (6,)
+
+
+def test_cli_edm_options_take_effect_or_are_refused(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+
+    from conftest import FakeEDMNet
+    from epsscale.cli import main
+
+    uncond = FakeEDMNet()
+    uncond.label_dim = 0
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(pickle.dumps({"ema": uncond}))
+    base = ["sample", "--edm", str(pkl), "--allow-pickle", "--sampler", "euler", "--steps", "5", "--seeds", "0-1", "--quiet"]
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    with pytest.warns(UserWarning):
+        assert main([*base, "--out", str(a)]) == 0
+        assert main([*base, "--sigma-max", "20", "--out", str(b)]) == 0  # the grid's top moves
+    assert not np.array_equal(np.load(a)["arr_0"], np.load(b)["arr_0"])
+    capsys.readouterr()
+    for extra, needle in ((["--disc", "ddim"], "Karras"), (["--labels", "1,2"], "unconditional"), (["--preset", "edm-cifar10-cond", "--steps", "13", "--s-churn", "5"], "--s-churn")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code = main([*base, *extra, "--out", str(tmp_path / "c.npz")])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err, err
+    assert not (tmp_path / "c.npz").exists()

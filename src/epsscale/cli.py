@@ -432,6 +432,8 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
     from .scaling import eps_scaling
     from .schedules import sigmas_karras
 
+    if args.grid_kind == "ddim":
+        raise UserError("EDM nets run on EDM's Karras grid (--sigma-max sets its top); --disc ddim is for discrete VP models")
     net = load_edm_pickle(args.edm, allow_pickle=args.allow_pickle)
     lam: Any = _lam_from_args(args)
     sampler, steps, opts = args.sampler, args.steps, sampler_options(args)
@@ -442,17 +444,24 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
         preset = get_preset(args.preset, steps=args.steps, sampler=args.sampler if args.sampler in ("heun", "euler") else None)
         if preset["framework"] != "edm":
             raise UserError(f"preset {args.preset} is an ADM preset; use it with --guided-diffusion CKPT")
+        mine = [opt for opt, dest in _GD_IGNORED if dest.startswith("s_") and getattr(args, dest) != _SAMPLE_DEFAULTS[dest]]
+        if mine:
+            raise UserError(f"{', '.join(mine)} cannot apply with --preset {args.preset}: the preset sets EDM's sampler options")
         sampler, steps, opts = preset["sampler"], preset["steps"], dict(preset["sampler_kwargs"])
         sigma_min, sigma_max, rho = preset["grid"]["sigma_min"], preset["grid"]["sigma_max"], preset["grid"]["rho"]
         if args.eps_scale is None and not args.eps_schedule:
             lam = preset["lam"]
     if sampler in ("ddpm", "ddim"):
         raise UserError("EDM nets are sampled with euler, heun or dpmpp_2m")
+    if args.sigma_max is not None:
+        sigma_max = args.sigma_max
     sigma_min, sigma_max = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
     sigmas = sigmas_karras(steps, sigma_min, sigma_max, rho)
     rounded = torch.as_tensor(net.round_sigma(sigmas[:-1]), dtype=torch.float64)  # EDM rounds its grid
     sigmas = torch.cat([rounded, rounded.new_zeros(1)])
     seeds = args.seeds if args.seeds is not None else list(range(64))
+    if args.labels is not None and not net.label_dim:
+        raise UserError(f"--labels: {args.edm} is an unconditional network")
     labels = _parse_labels(args.labels, len(seeds)) if net.label_dim else None
     work = _work_dir(args, out)
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
