@@ -720,3 +720,20 @@ def test_a_work_dir_that_is_not_one_is_refused_and_left_alone(tiny, tmp_path):
     code, err = run(base + ["--out", tmp_path / "o.npz", "--work-dir", tmp_path / "empty"])
     assert code == 0, err
     assert (tmp_path / "o.npz").exists() and not (tmp_path / "empty").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--method", "norm", "--search", "parabola"], "--search does not apply to --method norm"),
+        (["--method", "norm", "--lo", "0.9", "--fid-num", "10"], "--lo, --fid-num do not apply"),
+        (["--method", "fid", "--kind", "linear"], "--kind does not apply to --method fid --search grid"),
+        (["--method", "fid", "--search", "parabola", "--points", "9"], "--points does not apply to --method fid --search parabola"),
+        (["--method", "fid", "--search", "grid", "--step", "0.02"], "--step"),
+        (["--eps-scale", "1.01"], "chooses lambda"),
+    ],
+)
+def test_calibrate_refuses_options_its_method_ignores(extra, needle, tmp_path):
+    code, err = run(["calibrate", *extra, "--out", tmp_path / "l.json"])
+    assert_one_line_error(code, err, needle)
+    assert not list(tmp_path.iterdir())

@@ -121,6 +121,35 @@ def fid_evaluator(model: Any, sampler: str, sigmas: Any, opts: dict, num: int, s
     return evaluate
 
 
+# calibrate's options and the methods (or searches) they belong to: option -> (dest, default, applies).
+_CALIBRATE_ONLY = {
+    "--kind": ("kind", "uniform", lambda a: a.method == "norm"),
+    "--num": ("num", 256, lambda a: a.method == "norm"),
+    "--data-seed": ("data_seed", 0, lambda a: a.method == "norm"),
+    "--search": ("search", "grid", lambda a: a.method == "fid"),
+    "--lo": ("lo", None, lambda a: a.method == "fid"),
+    "--hi": ("hi", None, lambda a: a.method == "fid"),
+    "--fid-num": ("fid_num", None, lambda a: a.method == "fid"),
+    "--cache": ("cache", None, lambda a: a.method == "fid"),
+    "--points": ("points", 7, lambda a: a.method == "fid" and a.search == "grid"),
+    "--tol": ("tol", 1e-3, lambda a: a.method == "fid" and a.search == "golden"),
+    "--start": ("start", 1.0, lambda a: a.method == "fid" and a.search == "parabola"),
+    "--step": ("step", 0.01, lambda a: a.method == "fid" and a.search == "parabola"),
+}
+
+
+def _check_calibrate_options(args: argparse.Namespace) -> None:
+    """One line naming options that the chosen method would ignore."""
+    from .cli import UserError
+
+    if args.eps_scale is not None or args.eps_schedule:
+        raise UserError("calibrate chooses lambda: --eps-scale and --eps-schedule do not apply")
+    idle = [opt for opt, (dest, default, applies) in _CALIBRATE_ONLY.items() if getattr(args, dest) != default and not applies(args)]
+    if idle:
+        what = f"--method {args.method}" + (f" --search {args.search}" if args.method == "fid" else "")
+        raise UserError(f"{', '.join(idle)} do{'es' if len(idle) == 1 else ''} not apply to {what}")
+
+
 @_rank0_only
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .cli import _fingerprint, _threads, _writable, make_grid, sampler_options
@@ -129,6 +158,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .samplers import nfe
     from .scaling import Uniform
 
+    _check_calibrate_options(args)
     _threads(args)
     out = _writable(args.out)
     if out.suffix != ".json":
@@ -208,18 +238,18 @@ def add_commands(sub: Any, add_sampling_options: Callable[..., None]) -> None:
     c = sub.add_parser("calibrate", help="choose lambda: norm matching (cheap) or an FID search (cached, resumable)")
     add_sampling_options(c)
     c.add_argument("--method", choices=("norm", "fid"), default="norm")
-    c.add_argument("--kind", choices=("uniform", "linear", "per_sigma"), default="uniform", help="norm matching: schedule family")
-    c.add_argument("--num", type=positive_int, default=256, help="norm matching: real images / trajectories")
-    c.add_argument("--data-seed", type=int, default=0)
-    c.add_argument("--search", choices=("golden", "grid", "parabola"), default="grid", help="FID search method; parabola: 3-4 small coupled FID points and the vertex (cheapest)")
-    c.add_argument("--lo", type=nonneg_float, default=None, help="lowest b (default 1.0; parabola 0.9)")
-    c.add_argument("--hi", type=nonneg_float, default=None, help="highest b (default 1.03; parabola 1.1)")
-    c.add_argument("--points", type=positive_int, default=7, help="grid points")
-    c.add_argument("--tol", type=nonneg_float, default=1e-3)
-    c.add_argument("--start", type=nonneg_float, default=1.0, help="parabola: middle of the first three points")
-    c.add_argument("--step", type=nonneg_float, default=0.01, help="parabola: spacing of the points")
-    c.add_argument("--fid-num", type=positive_int, default=None, help="samples per FID point (default 1000; parabola 100)")
-    c.add_argument("--cache", default=None, help="FID points cache (default OUT.points.json)")
+    c.add_argument("--kind", choices=("uniform", "linear", "per_sigma"), default=_CALIBRATE_ONLY["--kind"][1], help="norm matching: schedule family")
+    c.add_argument("--num", type=positive_int, default=_CALIBRATE_ONLY["--num"][1], help="norm matching: real images / trajectories")
+    c.add_argument("--data-seed", type=int, default=_CALIBRATE_ONLY["--data-seed"][1])
+    c.add_argument("--search", choices=("golden", "grid", "parabola"), default=_CALIBRATE_ONLY["--search"][1], help="FID search method; parabola: usually 3-4 small coupled FID points and the vertex (cheapest)")
+    c.add_argument("--lo", type=nonneg_float, default=_CALIBRATE_ONLY["--lo"][1], help="lowest b (default 1.0; parabola 0.9)")
+    c.add_argument("--hi", type=nonneg_float, default=_CALIBRATE_ONLY["--hi"][1], help="highest b (default 1.03; parabola 1.1)")
+    c.add_argument("--points", type=positive_int, default=_CALIBRATE_ONLY["--points"][1], help="grid points")
+    c.add_argument("--tol", type=nonneg_float, default=_CALIBRATE_ONLY["--tol"][1])
+    c.add_argument("--start", type=nonneg_float, default=_CALIBRATE_ONLY["--start"][1], help="parabola: middle of the first three points")
+    c.add_argument("--step", type=nonneg_float, default=_CALIBRATE_ONLY["--step"][1], help="parabola: spacing of the points")
+    c.add_argument("--fid-num", type=positive_int, default=_CALIBRATE_ONLY["--fid-num"][1], help="samples per FID point (default 1000; parabola 100)")
+    c.add_argument("--cache", default=_CALIBRATE_ONLY["--cache"][1], help="FID points cache (default OUT.points.json)")
     c.add_argument("--batch", type=positive_int, default=250)
     c.add_argument("--out", required=True, help="schedule JSON")
     c.set_defaults(func=cmd_calibrate)
