@@ -55,6 +55,7 @@ def test_sample_toy_end_to_end(tmp_path):
         (["sample", "--model", "no-such-model", "--out", "x.npz"], "unknown model"),
         (["fid", "/nonexistent.npz"], "nonexistent"),
         (["train", "--run-dir", "r", "--karras-sigma-max", "25"], "--export"),
+        (["train", "--run-dir", "r", "--lr", "0"], "> 0"),
         (["train", "--run-dir", "r", "--export", "m", "--karras-sigma-max", "0"], "> 0"),
         (["train", "--run-dir", "r", "--export", "m", "--karras-sigma-max", "nan"], "finite"),
     ],

@@ -697,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", required=True)
     t.add_argument("--steps", type=positive_int, default=6000)
     t.add_argument("--batch", type=positive_int, default=64)
-    t.add_argument("--lr", type=nonneg_float, default=5e-4)
+    t.add_argument("--lr", type=positive_float, default=5e-4)
     t.add_argument("--ema", type=nonneg_float, default=0.999)
     t.add_argument("--input-perturbation", type=nonneg_float, default=0.0, help="DDPM-IP gamma")
     t.add_argument("--seed", type=int, default=0)
