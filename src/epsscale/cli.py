@@ -399,6 +399,7 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
         except Exception as e:
             raise UserError(f"{clf_path}: cannot read classifier checkpoint ({str(e).splitlines()[0][:200]})") from None
         load_adm_state_dict(clf, cstate)
+        clf.to(device)
         scale = next((v for v in (args.classifier_scale, st.classifier_scale) if v is not None), preset["guidance"]["scale"] if preset and preset["guidance"] else 1.0)
         opts["classifier_grad"] = classifier_guidance(clf.eval(), st.schedule, scale)
     work = _work_dir(args, out)
@@ -434,13 +435,16 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
 
     if args.grid_kind == "ddim":
         raise UserError("EDM nets run on EDM's Karras grid (--sigma-max sets its top); --disc ddim is for discrete VP models")
-    net = load_edm_pickle(args.edm, allow_pickle=args.allow_pickle)
+    device = _device()
+    net = load_edm_pickle(args.edm, allow_pickle=args.allow_pickle, device=device if device.type != "cpu" else None)
     lam: Any = _lam_from_args(args)
     sampler, steps, opts = args.sampler, args.steps, sampler_options(args)
     sigma_min, sigma_max, rho = 0.002, 80.0, 7.0
     if args.preset:
         from .presets import get_preset
 
+        if args.sampler not in (_SAMPLE_DEFAULTS["sampler"], "heun", "euler"):
+            raise UserError(f"EDM presets are for heun or euler, not --sampler {args.sampler}")
         preset = get_preset(args.preset, steps=args.steps, sampler=args.sampler if args.sampler in ("heun", "euler") else None)
         if preset["framework"] != "edm":
             raise UserError(f"preset {args.preset} is an ADM preset; use it with --guided-diffusion CKPT")
@@ -472,7 +476,7 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
     res = dist.sample_seeds(
         eps_scaling(EDMDenoiser(net), lam, sigmas=sigmas), seeds, shape, sampler=sampler, sigmas=sigmas, to_uint8=to_u8,
         batch_size=args.batch or 64, prior_kind="ve", sampler_opts=opts, num_classes=int(net.label_dim) or None, labels=labels,
-        work_dir=work, job_meta={"model": _fingerprint(args.edm), "lam": repr(lam)}, outputs=(out, grid_png), progress=not args.quiet,
+        work_dir=work, job_meta={"model": _fingerprint(args.edm), "lam": repr(lam)}, outputs=(out, grid_png), progress=not args.quiet, device=device,
     )
     return _write_samples(res, out, grid_png, work, None if args.quiet else f"({sampler}, {steps} steps, lambda {lam})")
 
@@ -573,7 +577,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
     images = load_images(args.samples)
     if len(images) < 2:
         raise UserError(f"{args.samples}: FID needs at least 2 images, found {len(images)}")
-    ext = get_extractor(args.extractor, args.inception if args.extractor == "inception" else None)
+    ext = get_extractor(args.extractor, args.inception if args.extractor == "inception" else None, device=_device())
     r, w = dist.rank(), dist.world_size()
     stats = FeatureStats(ext.dim)
     if len(images[r::w]):

@@ -92,4 +92,4 @@ def from_model_space(x: torch.Tensor, size: int = 28) -> np.ndarray:
     if crop > 0:
         x = x[..., crop:crop + size, crop:crop + size]
     u8 = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    return u8.permute(0, 2, 3, 1).contiguous().numpy()
+    return u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()

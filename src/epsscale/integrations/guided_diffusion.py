@@ -188,4 +188,4 @@ def load_checkpoint(path: str | os.PathLike, flags: dict[str, Any]) -> tuple[tor
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """``image_sample.py``'s quantisation: ((x + 1) * 127.5).clamp(0, 255) -> uint8 NHWC."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()

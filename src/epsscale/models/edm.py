@@ -89,6 +89,6 @@ def load_edm_pickle(
     if missing_attrs or not callable(net):
         what = f"lacks {', '.join(missing_attrs)}" if missing_attrs else "is not callable"
         raise ValueError(f"{os.fspath(path)}: {key!r} holds a {type(net).__name__} that {what}; not an EDM network")
-    if device is not None:
+    if device is not None and hasattr(net, "to"):  # a duck-typed net without .to stays as it is
         net = net.to(device)
     return net
