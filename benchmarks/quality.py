@@ -208,11 +208,11 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
     lines = []
     emit = lines.append
     grids = tuned(tune_dir)
-    rows = [(name, sampler, steps, best, base, es) for name, sampler, _, steps, best, base, es in _rows(cache, grids, num, seed0, ref)]
+    rows = _rows(cache, grids, num, seed0, ref)
     emit(f"Held-out FID, {num} samples (seeds {seed0}..{seed0 + num - 1}) against {ref}; b tuned on other seeds.\n")
     emit("| sampler | steps | NFE | tuned b | FID λ = 1 | FID at b | change |")
     emit("|---|---|---|---|---|---|---|")
-    for name, sampler, steps, best, base, es in rows:
+    for name, sampler, _, steps, best, base, es in rows:
         f = lambda r: f"{r['fid']:.2f}" if r else "not run"
         b = "tuning unfinished" if best is None else f"{best:g}"
         emit(f"| {name} | {steps} | {nfe(sampler, steps)} | {b} | {f(base)} | {f(es)} | {_change(base, es)} |")
@@ -233,7 +233,7 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for name in dict.fromkeys(r[0] for r in rows):
-            pts = [(st, base["fid"], es["fid"]) for n, _, st, _, base, es in rows if n == name and base and es]
+            pts = [(st, base["fid"], es["fid"]) for n, _, _, st, _, base, es in rows if n == name and base and es]
             if not pts:
                 continue
             line = axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name}, λ = 1")[0]

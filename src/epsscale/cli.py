@@ -165,8 +165,9 @@ def sampler_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-# Sampling options that --guided-diffusion takes from --flags instead: (option, args attribute).
-_GD_IGNORED = (("--sampler", "sampler"), ("--disc", "grid_kind"), ("--sigma-max", "sigma_max"), ("--eta", "eta"), ("--clip/--no-clip", "clip"), ("--s-churn", "s_churn"), ("--s-tmin", "s_tmin"), ("--s-tmax", "s_tmax"), ("--s-noise", "s_noise"))
+# The sampler's own options of `epsscale sample` (option, args attribute), which --guided-diffusion
+# takes from --flags instead and an EDM preset (the s_* ones) sets itself.
+_SAMPLER_OPTION_FLAGS = (("--sampler", "sampler"), ("--disc", "grid_kind"), ("--sigma-max", "sigma_max"), ("--eta", "eta"), ("--clip/--no-clip", "clip"), ("--s-churn", "s_churn"), ("--s-tmin", "s_tmin"), ("--s-tmax", "s_tmax"), ("--s-noise", "s_noise"))
 _SAMPLE_STEPS = 20  # epsscale sample's default --steps
 _SAMPLE_DEFAULTS = {"sampler": "ddpm", "grid_kind": "respaced", "sigma_max": None, "eta": 0.0, "clip": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
 
@@ -321,14 +322,14 @@ def _parse_labels(spec: str | None, n: int) -> list[int] | None:
 
 def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path | None) -> int:
     from . import distributed as dist
-    from .integrations.guided_diffusion import load_checkpoint, parse_flags, to_uint8
+    from .integrations.guided_diffusion import _as_bool, load_checkpoint, parse_flags, to_uint8
     from .scaling import eps_scaling
 
     flags = parse_flags(args.flags or "")
     if (args.eps_scale is not None or args.eps_schedule) and "eps_scaler" in flags:
         raise UserError("give lambda once: either --eps_scaler inside --flags or --eps-scale/--eps-schedule")
     # The sampler, its grid and options come from the flags (image_sample.py's); ours would be ignored.
-    ignored = [opt for opt, dest in _GD_IGNORED if getattr(args, dest) != _SAMPLE_DEFAULTS[dest]]
+    ignored = [opt for opt, dest in _SAMPLER_OPTION_FLAGS if getattr(args, dest) != _SAMPLE_DEFAULTS[dest]]
     if args.steps != _SAMPLE_STEPS and not args.preset:
         ignored.insert(0, "--steps")
     if ignored:
@@ -349,7 +350,7 @@ def _sample_guided_diffusion(args: argparse.Namespace, out: Path, grid_png: Path
             if args.steps != _SAMPLE_STEPS and args.steps != int(n):
                 raise UserError(f"--steps {args.steps} and --timestep_respacing {respacing} disagree")
             steps = int(n)
-        if str(flags.get("use_ddim", "False")).strip().lower() in ("true", "1", "yes", "t", "y"):
+        if _as_bool("use_ddim", flags.get("use_ddim", False)):
             raise UserError("the paper's ADM presets are for the ancestral sampler; drop --use_ddim True or --preset")
         preset = get_preset(args.preset, steps=steps, es=args.preset_es)
         if preset["framework"] != "adm":
@@ -448,7 +449,7 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
         preset = get_preset(args.preset, steps=args.steps, sampler=args.sampler if args.sampler in ("heun", "euler") else None)
         if preset["framework"] != "edm":
             raise UserError(f"preset {args.preset} is an ADM preset; use it with --guided-diffusion CKPT")
-        mine = [opt for opt, dest in _GD_IGNORED if dest.startswith("s_") and getattr(args, dest) != _SAMPLE_DEFAULTS[dest]]
+        mine = [opt for opt, dest in _SAMPLER_OPTION_FLAGS if dest.startswith("s_") and getattr(args, dest) != _SAMPLE_DEFAULTS[dest]]
         if mine:
             raise UserError(f"{', '.join(mine)} cannot apply with --preset {args.preset}: the preset sets EDM's sampler options")
         sampler, steps, opts = preset["sampler"], preset["steps"], dict(preset["sampler_kwargs"])
@@ -485,12 +486,11 @@ def _sample_toy(args: argparse.Namespace, lam: Any, out: Path, grid_png: Path | 
     import numpy as np
     import torch
 
+    from . import distributed as dist
     from .data.toy import ImperfectDenoiser, default_mixture
     from .samplers import SAMPLERS, StackedGenerator, prior
     from .scaling import eps_scaling
     from .schedules import VPSchedule
-
-    from . import distributed as dist
 
     if dist.rank() != 0:  # 2-D points take no time: under torchrun, rank 0 does it alone
         return 0

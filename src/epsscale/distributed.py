@@ -316,9 +316,14 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _is_temp(name: str) -> bool:
+    """A temporary file an atomic write left in a work directory."""
+    return name.startswith(".") and "tmp" in name
+
+
 def _ours(q: Path) -> bool:
     """A file a work directory's runs write: batches, the manifest, the lock, temporaries."""
-    return q.is_file() and (bool(_SHARD.fullmatch(q.name)) or q.name in ("run.json", "lock") or (q.name.startswith(".") and "tmp" in q.name))
+    return q.is_file() and (bool(_SHARD.fullmatch(q.name)) or q.name in ("run.json", "lock") or _is_temp(q.name))
 
 
 def _check_work_dir(wd: Path, outputs: Sequence[Path]) -> None:
@@ -393,7 +398,7 @@ def _prepare(wd: Path, manifest: dict, seeds: Sequence[int], outputs: Sequence[P
     try:
         # Leftovers of killed runs: temporaries and half-removed work directories.
         for q in wd.iterdir():
-            if q.name.startswith(".") and "tmp" in q.name:
+            if _is_temp(q.name):
                 q.unlink(missing_ok=True)
         for path in outputs:
             remove_stale_temps(path)

@@ -68,9 +68,9 @@ import torch
 
 from ._atomic import atomic_write_text
 from .adapters import Denoiser, Prediction, _bc, _sigma_vector, as_prediction
-from .samplers import SAMPLERS, StackedGenerator, StepInfo, _check_grid, prior
+from .samplers import SAMPLERS, StackedGenerator, StepInfo, prior
 from .scaling import Calibrated, EpsScaled, Linear, PerSigma, ScheduleLike, Uniform, resolve_schedule, save_schedule
-from .schedules import VPSchedule
+from .schedules import VPSchedule, check_grid
 
 __all__ = [
     "DeltaResult",
@@ -583,7 +583,7 @@ def delta_t(
     cut per batch; others are passed as they are. Memory is O(T' × pixels) however large N is.
     """
     x0 = _check_data(x0)
-    grid = _check_grid(sigmas)
+    grid = check_grid(sigmas)
     if len(grid) < 3:
         raise ValueError("delta_t needs a chain of at least 2 steps (a grid of >= 3 sigmas)")
     name, fn = _resolve_sampler(sampler)
@@ -627,7 +627,7 @@ def eps_norms(
     curve is evaluated where the sampler evaluated the network (σ̂ under EDM churn).
     """
     x0 = _check_data(x0)
-    grid = _check_grid(sigmas)
+    grid = check_grid(sigmas)
     name, fn = _resolve_sampler(sampler)
     seeds_l = _check_seeds(seeds, x0.shape[0])
     batch_size = _check_batch(batch_size)
@@ -683,7 +683,7 @@ def measure_exposure(
     their sampling ε-norms; the training curve adds one network call per step per image.
     """
     x0 = _check_data(x0)
-    grid = _check_grid(sigmas)
+    grid = check_grid(sigmas)
     if len(grid) < 3:
         raise ValueError("measure_exposure needs a chain of at least 2 steps (a grid of >= 3 sigmas)")
     name, fn = _resolve_sampler(sampler)
@@ -772,7 +772,7 @@ def analytic_variance(
     ``gamma2`` is γ_i² per model call (one per step, sampling order): a number, a sequence of
     T' values, or a function of the σ's. Returns the reported states 1..T'−1 and the final one.
     """
-    grid = _check_grid(sigmas)
+    grid = check_grid(sigmas)
     steps = len(grid) - 1
     if sampler not in ("ddpm", "ddim", "euler"):
         raise ValueError(f"analytic_variance models 'ddpm', 'ddim' or 'euler', got {sampler!r}")
@@ -836,7 +836,7 @@ def influence_weights(sigmas: torch.Tensor, sigma_data: float) -> torch.Tensor:
     log-σ step size at high noise, and Δσ/σ_data near the data. These are the steps where a
     wrong λ moves samples the most.
     """
-    grid = _check_grid(sigmas)
+    grid = check_grid(sigmas)
     if not (math.isfinite(sigma_data) and sigma_data > 0):
         raise ValueError(f"sigma_data must be finite and > 0, got {sigma_data}")
     w = (grid[:-1] - grid[1:]) / (sigma_data**2 + grid[1:] ** 2).sqrt()
@@ -958,7 +958,7 @@ def calibrate_norm_matching(
     :class:`CalibrationInfo` with the curves, every pass and the network evaluations spent.
     """
     x0 = _check_data(x0)
-    grid = _check_grid(sigmas)
+    grid = check_grid(sigmas)
     name, fn = _resolve_sampler(sampler)
     if kind not in ("uniform", "linear", "per_sigma"):
         raise ValueError(f"kind must be 'uniform', 'linear' or 'per_sigma', got {kind!r}")

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Literal, Protocol, Sequence
 import torch
 
 from .adapters import Denoiser, Prediction, _bc, as_prediction
-from .schedules import sigma_to_alpha_bar
+from .schedules import check_grid, sigma_to_alpha_bar
 
 __all__ = [
     "StackedGenerator",
@@ -125,17 +125,6 @@ def _report(callback: Callback | None, i: int, sigma: torch.Tensor, sigma_next: 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
-    s = torch.as_tensor(sigmas, dtype=torch.float64)
-    if s.ndim != 1 or len(s) < 2:
-        raise ValueError("sigmas must be a 1-D grid with at least two entries (the last one 0)")
-    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-        raise ValueError("sigmas must be finite and >= 0")
-    if not bool((s[1:] < s[:-1]).all()):
-        raise ValueError("sigmas must be strictly decreasing")
-    return s
 
 
 def _sig(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +274,7 @@ def ddpm(
     2021, Algorithm 1). Epsilon Scaling acts on the model's eps only, never on this gradient.
     """
     _check_clip(clip)
-    sigmas = _check_grid(sigmas).to(x.device)
+    sigmas = check_grid(sigmas).to(x.device)
     noise = noise or _GlobalNoise()
     x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
     for i in range(len(sigmas) - 1):
@@ -332,7 +321,7 @@ def ddim(
     if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     _check_clip(clip)
-    sigmas = _check_grid(sigmas).to(x.device)
+    sigmas = check_grid(sigmas).to(x.device)
     noise = noise or _GlobalNoise()
     x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
     for i in range(len(sigmas) - 1):
@@ -377,7 +366,7 @@ def _edm(
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or not s_tmax >= s_tmin:
         raise ValueError(f"s_tmax must be a number >= s_tmin (inf: no upper limit), got {s_tmax!r}")
-    sigmas = _check_grid(sigmas).to(x.device)
+    sigmas = check_grid(sigmas).to(x.device)
     noise = noise or _GlobalNoise()
     round_sigma = getattr(denoiser, "round_sigma", None)
     steps = len(sigmas) - 1
@@ -465,7 +454,7 @@ def dpmpp_2m(
 
     Deterministic; one noise tensor is still drawn per step so seeds line up across samplers.
     """
-    sigmas = _check_grid(sigmas).to(x.device)
+    sigmas = check_grid(sigmas).to(x.device)
     noise = noise or _GlobalNoise()
     x = x.to(torch.float64)
     prev_x0: torch.Tensor | None = None

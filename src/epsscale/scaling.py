@@ -32,6 +32,7 @@ import torch
 
 from ._atomic import atomic_write_text
 from .adapters import Denoiser, Prediction, _bc, _sigma_vector, as_prediction
+from .schedules import check_grid
 
 __all__ = [
     "Uniform",
@@ -135,10 +136,10 @@ def _grid_steps(sigmas: torch.Tensor) -> torch.Tensor:
     indices count on this grid, so it must run the way a sampler does: strictly decreasing and
     positive before the end (an ascending table, such as a model's ``sigmas``, would reverse lambda).
     """
-    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-    if len(s) < 2 or not bool(torch.isfinite(s).all()) or not bool((s[:-1] > 0).all()) or s[-1] < 0 or not bool((s[1:] < s[:-1]).all()):
-        raise ValueError("Linear needs the sampling grid: strictly decreasing sigmas, the last one (where sampling ends) >= 0")
-    return s[:-1]
+    try:
+        return check_grid(torch.as_tensor(sigmas, dtype=torch.float64).flatten())[:-1]
+    except ValueError as e:
+        raise ValueError(f"Linear needs the sampling grid: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ __all__ = [
     "VPSchedule",
     "space_timesteps",
     "sigmas_karras",
+    "check_grid",
     "sigma_to_alpha_bar",
     "alpha_bar_to_sigma",
     "flow_t_to_sigma",
@@ -216,6 +217,19 @@ class VPSchedule:
 # ---------------------------------------------------------------------------------------------
 # Continuous grids
 # ---------------------------------------------------------------------------------------------
+
+
+def check_grid(sigmas: torch.Tensor) -> torch.Tensor:
+    """A sampling grid as float64: 1-D, finite, >= 0 and strictly decreasing; the network is
+    evaluated at every entry but the last, where sampling ends (0 for a whole chain)."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64)
+    if s.ndim != 1 or len(s) < 2:
+        raise ValueError("sigmas must be a 1-D grid with at least two entries (the last one 0)")
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise ValueError("sigmas must be finite and >= 0")
+    if not bool((s[1:] < s[:-1]).all()):
+        raise ValueError("sigmas must be strictly decreasing")
+    return s
 
 
 def sigmas_karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:

@@ -104,6 +104,16 @@ def _as_int(name: str, v: Any, lo: int = 1) -> int:
     return i
 
 
+def _as_float(name: str, v: Any) -> float:
+    try:
+        x = float(str(v))
+    except ValueError:
+        raise ValueError(f"flag --{name}: expected a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"flag --{name} must be finite, got {v!r}")
+    return x
+
+
 @dataclass(frozen=True)
 class RunSettings:
     sampler: str
@@ -128,25 +138,15 @@ def run_settings(flags: dict[str, Any]) -> RunSettings:
     if f["noise_schedule"] not in ("linear", "cosine"):
         raise ValueError(f"flag --noise_schedule: expected linear or cosine, got {f['noise_schedule']!r}")
     steps = _as_int("diffusion_steps", f["diffusion_steps"])
-    lam = 1.0
-    if f["eps_scaler"] is not None:
-        try:
-            lam = float(f["eps_scaler"])
-        except ValueError:
-            raise ValueError(f"flag --eps_scaler: expected a number, got {f['eps_scaler']!r}") from None
-        if not math.isfinite(lam) or lam <= 0:
-            raise ValueError(f"flag --eps_scaler must be finite and > 0 (it divides eps), got {f['eps_scaler']!r}")
+    lam = 1.0 if f["eps_scaler"] is None else _as_float("eps_scaler", f["eps_scaler"])
+    if not lam > 0:
+        raise ValueError(f"flag --eps_scaler must be finite and > 0 (it divides eps), got {f['eps_scaler']!r}")
     respacing = str(f["timestep_respacing"]) or str(steps)
     use_ddim = _as_bool("use_ddim", f["use_ddim"])
     learn_sigma = _as_bool("learn_sigma", f["learn_sigma"])
-    scale = None
-    if f["classifier_scale"] is not None:
-        try:
-            scale = float(f["classifier_scale"])
-        except ValueError:
-            raise ValueError(f"flag --classifier_scale: expected a number, got {f['classifier_scale']!r}") from None
-        if not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"flag --classifier_scale must be finite and >= 0, got {f['classifier_scale']!r}")
+    scale = None if f["classifier_scale"] is None else _as_float("classifier_scale", f["classifier_scale"])
+    if scale is not None and scale < 0:
+        raise ValueError(f"flag --classifier_scale must be finite and >= 0, got {f['classifier_scale']!r}")
     return RunSettings(
         sampler="ddim" if use_ddim else "ddpm",
         respacing=respacing,
@@ -188,4 +188,6 @@ def load_checkpoint(path: str | os.PathLike, flags: dict[str, Any]) -> tuple[tor
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """``image_sample.py``'s quantisation: ((x + 1) * 127.5).clamp(0, 255) -> uint8 NHWC."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    from ..data.fashion_mnist import from_model_space
+
+    return from_model_space(x, size=x.shape[-1])  # the same quantisation, without a crop
