@@ -6,6 +6,10 @@ DESIGN.md §5 targets: wall(ES) / wall(no ES) <= 1.01; total sampling time / (NF
 Runs are interleaved (A, B, A, B, ...) and medians are reported, because this machine is noisy.
 
     python benchmarks/speed.py --threads 2 --batch 256 --steps 10 --repeats 3
+    python benchmarks/speed.py --device cuda --batch 256 --steps 10 --repeats 5   # on a GPU
+
+On CUDA every timing waits for the GPU (``torch.cuda.synchronize``) before it stops, TF32 is off
+(as in tests/test_cuda.py), and each sampler runs once untimed first.
 """
 
 from __future__ import annotations
@@ -24,37 +28,51 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samplers", default="ddpm,ddim,euler,heun,dpmpp_2m")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     from epsscale import StackedGenerator, eps_scaling, prior
     from epsscale.models.pretrained import load_model
     from epsscale.samplers import SAMPLERS, nfe
 
-    model = load_model("fmnist")
+    model = load_model("fmnist", device=dev)
     net, den = model.net, model.denoiser
     shape = (args.batch, *model.shape)
     sigmas = model.schedule.grid(str(args.steps))
     seeds = list(range(args.batch))
 
     # Bare network forward (the unit of cost).
-    x_vp = torch.randn(shape)
-    t = torch.full((args.batch,), 500)
+    x_vp = torch.randn(shape, device=dev)
+    t = torch.full((args.batch,), 500, device=dev)
     with torch.no_grad():
         net(x_vp, t)
         fwd = []
         for _ in range(args.repeats + 2):
+            sync()
             t0 = time.perf_counter()
             net(x_vp, t)
+            sync()
             fwd.append(time.perf_counter() - t0)
     f = statistics.median(fwd)
 
     def run(name: str, d) -> float:
-        gen = StackedGenerator(seeds)
+        gen = StackedGenerator(seeds, device=dev)
         x = prior(gen.randn(shape), sigmas[0], kind="vp")
+        sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             SAMPLERS[name](d, x, sigmas, noise=gen)
+        sync()
         return time.perf_counter() - t0
 
     def run_diffusers_ddim() -> float:
@@ -62,18 +80,21 @@ def main() -> None:
 
         sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
         sch.set_timesteps(args.steps)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g)
+        g = torch.Generator(dev).manual_seed(0)
+        x = torch.randn(shape, generator=g, device=dev)
+        sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             for ts in sch.timesteps:
-                out = net(x, ts.expand(args.batch))[:, : shape[1]]
+                out = net(x, ts.to(dev).expand(args.batch))[:, : shape[1]]
                 x = sch.step(out, ts, x).prev_sample
+        sync()
         return time.perf_counter() - t0
 
     es = eps_scaling(den, 1.01)
     rows = []
     for name in args.samplers.split(","):
+        run(name, es)  # untimed: first calls of a sampler's kernels (CUDA) and allocations
         base, scaled = [], []
         for _ in range(args.repeats):
             base.append(run(name, den))
@@ -82,11 +103,14 @@ def main() -> None:
         n = nfe(name, args.steps)
         rows.append((name, n, b, s, s / b, b / (n * f)))
     ours, theirs = [], []
+    run_diffusers_ddim()
     for _ in range(args.repeats):
         ours.append(run("ddim", den))
         theirs.append(run_diffusers_ddim())
 
-    print(f"model: shipped fmnist ADM UNet ({sum(p.numel() for p in net.parameters()):,} params), batch {args.batch}, {args.steps} steps, {args.threads} threads, medians of {args.repeats}")
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"torch {torch.__version__}")
+    print(f"model: shipped fmnist ADM UNet ({sum(p.numel() for p in net.parameters()):,} params), batch {args.batch}, {args.steps} steps, {device_name}, medians of {args.repeats}")
     print(f"bare forward: {f:.3f} s/call\n")
     print("| sampler | NFE | no ES (s) | ES (s) | ES / no ES | total / (NFE x forward) |")
     print("|---|---|---|---|---|---|")

@@ -56,13 +56,27 @@ def test_ddim_eta0_equals_euler(dtype, tol):
     assert torch.allclose(a.to(torch.float64), b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
-def test_one_noise_draw_per_step_and_nfe(name):
+@pytest.mark.parametrize(
+    "name,opts,draws",
+    [
+        ("ddpm", {}, 12),
+        ("ddim", {"eta": 0.5}, 12),
+        ("ddim", {}, 0),
+        ("euler", {"s_churn": 5.0, "s_tmin": 0.5, "s_tmax": 2.0}, 12),  # every step, as EDM, window or not
+        ("euler", {}, 0),
+        ("heun", {"s_churn": 5.0}, 12),
+        ("heun", {"s_churn": 5.0, "s_noise": 0.0}, 0),
+        ("heun", {}, 0),
+        ("dpmpp_2m", {}, 0),
+    ],
+)
+def test_noise_draws_per_step_and_nfe(name, opts, draws):
+    """One draw per step for a stochastic run (also steps that mask it), none for a deterministic one."""
     den = GaussianDenoiser(S)
     grid = VPSchedule("linear").grid("12")
     noise = CountingNoise(StackedGenerator([0, 1]))
-    SAMPLERS[name](den, torch.randn(2, 3, dtype=torch.float64), grid, noise=noise)
-    assert noise.calls == 12
+    SAMPLERS[name](den, torch.randn(2, 3, dtype=torch.float64), grid, noise=noise, **opts)
+    assert noise.calls == draws
     assert den.calls == nfe(name, 12)
 
 

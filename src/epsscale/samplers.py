@@ -3,9 +3,13 @@
 * ``x`` is the starting state in VE units at ``sigmas[0]`` (see :func:`prior`).
 * ``sigmas`` is a descending float64 grid ending in 0 (see :mod:`epsscale.schedules`).
 * ``noise`` is any object with ``randn_like(x)``, usually a :class:`StackedGenerator`; None uses
-  torch's global generator. Every sampler draws **exactly one** noise tensor of x's shape per
-  step, used or not (EDM's ``edm_sampler`` and guided-diffusion's ``p_sample``/``ddim_sample``
-  do the same), so a sample depends only on its seed.
+  torch's global generator. A stochastic sampler draws **exactly one** noise tensor of x's shape
+  per step, also where a step does not use it (DDPM's last step; EDM churn outside
+  [s_tmin, s_tmax]), as guided-diffusion's ``p_sample`` and EDM's ``edm_sampler`` do, so its
+  draws line up with theirs. A run that is deterministic throughout (DDIM with eta = 0, Euler and
+  Heun without churn, DPM-Solver++) draws nothing: the noise could not change its output, and on
+  a GPU a :class:`StackedGenerator` draw is one kernel launch per sample.
+  Either way a sample depends only on its seed.
 * ``callback`` receives a frozen :class:`StepInfo` after each step's (first) model call.
 
 Samplers never branch on the prediction type and never apply Epsilon Scaling themselves: pass
@@ -275,6 +279,7 @@ def ddpm(
     """
     _check_clip(clip)
     sigmas = check_grid(sigmas).to(x.device)
+    grid = sigmas.tolist()  # control flow on host floats: no device sync per step
     noise = noise or _GlobalNoise()
     x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
     for i in range(len(sigmas) - 1):
@@ -291,8 +296,9 @@ def ddpm(
 
         # Ancestral step: noise drawn every step, masked on the last.
         z = noise.randn_like(x_vp)
-        x_vp = mean + (post.log_variance / 2).exp() * z if s_next > 0 else mean
-        _report(callback, i, s, s_next, x_ve, pred.x0, _vp_to_ve(x_vp, s_next))
+        x_vp = mean + (post.log_variance / 2).exp() * z if grid[i + 1] > 0 else mean
+        if callback is not None:  # the VE state is formed only for a callback
+            _report(callback, i, s, s_next, x_ve, pred.x0, _vp_to_ve(x_vp, s_next))
     return _vp_to_ve(x_vp, sigmas[-1])
 
 
@@ -322,6 +328,7 @@ def ddim(
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     _check_clip(clip)
     sigmas = check_grid(sigmas).to(x.device)
+    grid = sigmas.tolist()  # control flow on host floats: no device sync per step
     noise = noise or _GlobalNoise()
     x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
     for i in range(len(sigmas) - 1):
@@ -336,9 +343,13 @@ def ddim(
         # eq. 12: x_{t-1} = sqrt(abar') x0 + sqrt(1 - abar' - s_eta^2) eps + s_eta z.
         s_eta = eta * ((1 - a_p) / (1 - a_t)).sqrt() * (1 - a_t / a_p).sqrt()
         mean = a_p.sqrt().to(dtype) * x0 + (1 - a_p - s_eta**2).clamp_min(0).sqrt().to(dtype) * eps
-        z = noise.randn_like(x_vp)
-        x_vp = mean + s_eta.to(dtype) * z if s_next > 0 else mean
-        _report(callback, i, s, s_next, x_ve, x0, _vp_to_ve(x_vp, s_next))
+        if eta > 0:
+            z = noise.randn_like(x_vp)
+            x_vp = mean + s_eta.to(dtype) * z if grid[i + 1] > 0 else mean
+        else:
+            x_vp = mean
+        if callback is not None:  # the VE state is formed only for a callback
+            _report(callback, i, s, s_next, x_ve, x0, _vp_to_ve(x_vp, s_next))
     return _vp_to_ve(x_vp, sigmas[-1])
 
 
@@ -367,19 +378,22 @@ def _edm(
     if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or not s_tmax >= s_tmin:
         raise ValueError(f"s_tmax must be a number >= s_tmin (inf: no upper limit), got {s_tmax!r}")
     sigmas = check_grid(sigmas).to(x.device)
+    grid = sigmas.tolist()  # control flow on host floats: no device sync per step
     noise = noise or _GlobalNoise()
     round_sigma = getattr(denoiser, "round_sigma", None)
     steps = len(sigmas) - 1
+    # Without churn (or with s_noise = 0) the noise is multiplied by 0 at every step: no draws.
+    stochastic = s_churn > 0 and s_noise > 0
     x = x.to(torch.float64)
     for i in range(steps):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
 
         # Increase noise temporarily (churn).
-        gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= t_cur <= s_tmax else 0.0
+        gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= grid[i] <= s_tmax else 0.0
         t_hat = t_cur + gamma * t_cur
         if round_sigma is not None and gamma > 0:
             t_hat = torch.as_tensor(round_sigma(t_hat), dtype=torch.float64, device=x.device)
-        x_hat = x + (t_hat**2 - t_cur**2).sqrt() * s_noise * noise.randn_like(x)
+        x_hat = x + (t_hat**2 - t_cur**2).sqrt() * s_noise * noise.randn_like(x) if stochastic else x
 
         # Euler step.
         denoised = _call(denoiser, x_hat, t_hat, cond).x0.to(torch.float64)
@@ -388,7 +402,7 @@ def _edm(
 
         # Apply 2nd order correction, except on a step to sigma = 0 (EDM: the last step). A grid
         # that stops above 0 (part of a chain) is Heun throughout.
-        if second_order and t_next > 0:
+        if second_order and grid[i + 1] > 0:
             denoised_next = _call(denoiser, x_next, t_next, cond).x0.to(torch.float64)
             d_prime = (x_next - denoised_next) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
@@ -452,18 +466,17 @@ def dpmpp_2m(
 ) -> torch.Tensor:
     """DPM-Solver++(2M), multistep second order in log-SNR, float64 stepping. NFE = steps.
 
-    Deterministic; one noise tensor is still drawn per step so seeds line up across samplers.
+    Deterministic: ``noise`` is accepted like every sampler's and never drawn from.
     """
     sigmas = check_grid(sigmas).to(x.device)
-    noise = noise or _GlobalNoise()
+    grid = sigmas.tolist()  # control flow on host floats: no device sync per step
     x = x.to(torch.float64)
     prev_x0: torch.Tensor | None = None
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = _call(denoiser, x, s, cond).x0.to(torch.float64)
-        noise.randn_like(x)
 
-        if s_next == 0:
+        if grid[i + 1] == 0:
             x_next = x0  # limit of the update as sigma_next -> 0
         else:
             h = s.log() - s_next.log()
