@@ -121,6 +121,16 @@ def test_committed_readme_and_results_match_the_committed_caches(quality):
     assert results == f"{tables}\n\n![quality](quality.png)"
 
 
+def test_committed_cuda_tables_match_the_committed_cuda_caches(quality):
+    # The GPU run's tables (`quality.py --report --device cuda --write-results`) against its own caches.
+    mark = lambda m: m.replace("--report", "--report --device cuda")  # noqa: E731
+    results = between((ROOT / "benchmarks" / "RESULTS.md").read_text(), mark(quality.TABLES_BEGIN), mark(quality.TABLES_END))
+    cache = quality.load_cache(ROOT / "benchmarks" / "quality_cache_cuda.json")
+    tables = quality.report(cache, ROOT / "benchmarks" / "quality_tune_cuda", 5000, 0, "fashion-mnist-test", None).strip()
+    assert "| heun | 50 | 99 |" in tables
+    assert results == f"{tables}\n\n![quality](quality_cuda.png)"
+
+
 def test_another_devices_report_never_overwrites_the_cpu_tables(quality, tmp_path):
     import subprocess
     import sys
