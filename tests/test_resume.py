@@ -4,8 +4,10 @@ flight, and never leaves a truncated, half-written or temporary file behind.
 
 The killed runs go through a small driver around ``epsscale.cli.main`` that records the seeds of
 every batch as it starts (``ES_TRACE``), can slow each batch down (``ES_DELAY``) so that a kill
-lands mid-batch, and can SIGKILL itself halfway through writing a shard, the final ``.npz`` or
-while removing the work directory (``ES_DIE``). Restarts at world size 1 run in-process with a
+lands mid-batch, can SIGKILL itself halfway through writing a shard, the final ``.npz`` or
+while removing the work directory (``ES_DIE``), and can stop before it writes the final ``.npz``
+(``ES_PAUSE=output``; it touches ``ES_TRACE.paused`` and sleeps) so that a kill lands there
+without a race. Restarts at world size 1 run in-process with a
 counting sampler, so the test sees exactly which seeds the restart computed.
 """
 
@@ -41,6 +43,7 @@ import epsscale.distributed as dist
 from epsscale.cli import main
 
 trace, delay, die = os.environ["ES_TRACE"], float(os.environ.get("ES_DELAY", "0")), os.environ.get("ES_DIE", "")
+pause = os.environ.get("ES_PAUSE", "")
 rank = os.environ.get("RANK", "0")
 
 def traced(fn):
@@ -58,6 +61,9 @@ real_savez, shards = np.savez, [0]
 def savez(file, *args, **kw):
     kind = "shard" if "seeds" in kw else "output"
     shards[0] += kind == "shard"
+    if pause == kind == "output":
+        open(f"{trace}.paused", "w").close()
+        time.sleep(300)  # the test kills it here
     if die == (f"shard:{shards[0]}" if kind == "shard" else "output"):
         buf = io.BytesIO()
         real_savez(buf, *args, **kw)
@@ -167,10 +173,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(tmp: Path, args: list[str], *, nproc: int = 1, delay: float = 0.0, die: str = "", trace: str = "trace") -> subprocess.Popen:
+def start(tmp: Path, args: list[str], *, nproc: int = 1, delay: float = 0.0, die: str = "", pause: str = "", trace: str = "trace") -> subprocess.Popen:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
-    env = {**ENV, "ES_TRACE": str(tmp / trace), "ES_DELAY": str(delay), "ES_DIE": die}
+    env = {**ENV, "ES_TRACE": str(tmp / trace), "ES_DELAY": str(delay), "ES_DIE": die, "ES_PAUSE": pause}
     launcher = [sys.executable] if nproc == 1 else [str(TORCHRUN), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     return subprocess.Popen([*launcher, str(driver), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
@@ -259,27 +265,27 @@ def check_final(tmp: Path, out: Path, reference: np.ndarray) -> None:
 
 N_BATCHES = -(-len(SEEDS) // BATCH)
 
+# (delay per batch, ES_DIE, ES_PAUSE, the condition the test waits for before it kills; None: the run kills itself)
 KILL_POINTS = {
-    # name: (delay per batch, self-kill, condition on (work dir, trace prefix) for an outside SIGKILL)
-    "after-first-shard": (0.4, "", lambda work, trace: len(shard_seeds(work)) >= 1),
-    "mid-batch": (0.4, "", lambda work, trace: sum(len(v) for v in traced_seeds(trace).values()) >= 3),
-    "while-writing-a-shard": (0.0, "shard:2", None),
-    "after-all-shards": (0.0, "", lambda work, trace: len(list(work.glob("seeds-*.npz"))) >= N_BATCHES),
-    "while-writing-the-output": (0.0, "output", None),
-    "while-removing-the-work-dir": (0.0, "finish", None),
+    "after-first-shard": (0.4, "", "", lambda work, trace: len(shard_seeds(work)) >= 1),
+    "mid-batch": (0.4, "", "", lambda work, trace: sum(len(v) for v in traced_seeds(trace).values()) >= 3),
+    "while-writing-a-shard": (0.0, "shard:2", "", None),
+    "after-all-shards": (0.0, "", "output", lambda work, trace: trace.with_name(trace.name + ".paused").exists()),
+    "while-writing-the-output": (0.0, "output", "", None),
+    "while-removing-the-work-dir": (0.0, "finish", "", None),
 }
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_kill_and_restart_gives_the_same_output(point, model, reference, tmp_path, monkeypatch):
-    delay, die, condition = KILL_POINTS[point]
+    delay, die, pause, condition = KILL_POINTS[point]
     out = tmp_path / "out.npz"
     work = tmp_path / "out.npz.parts"
     trace = tmp_path / "trace"
     args = command(model, out)
 
     # The killed run.
-    p = start(tmp_path, args, delay=delay, die=die)
+    p = start(tmp_path, args, delay=delay, die=die, pause=pause)
     if condition is None:
         p.wait(timeout=90)
         assert p.returncode == -signal.SIGKILL, p.stderr.read().decode()[-2000:]
@@ -301,6 +307,8 @@ def test_kill_and_restart_gives_the_same_output(point, model, reference, tmp_pat
         assert any(is_temp(q) for q in work.iterdir()), "the self-kill should leave a half-written temporary"
     if die == "output":
         assert any(is_temp(q) for q in tmp_path.iterdir())
+    if pause == "output":  # stopped before the final .npz: every shard is in place, nothing is written yet
+        assert len(shard_seeds(work)) == N_BATCHES and not output_done
 
     # The restart with the same command computes exactly the seeds that were not saved.
     counting = Counting(monkeypatch)
