@@ -11,7 +11,7 @@ from scipy import stats
 
 from conftest import GaussianDenoiser
 from epsscale import StackedGenerator, eps_scaling, sigmas_karras
-from epsscale.pfgmpp import betaprime_ppf, pfgmpp_noise, pfgmpp_prior, r_to_sigma, sigma_to_r
+from epsscale.pfgmpp import betaprime_ppf, pfgmpp_noise, pfgmpp_prior, pfgmpp_prior_from_normal, r_to_sigma, sigma_to_r
 from epsscale.samplers import euler, heun
 
 torch.set_num_threads(1)
@@ -184,3 +184,74 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="generator"):
         pfgmpp_prior((2, 3), 80.0, 4, generator=42)  # type: ignore[arg-type]
     assert pfgmpp_prior((2, 3), 80.0, np.int64(4)).shape == (2, 3)  # numpy integers are integers
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded sampling of a PFGM++ net (sample_seeds, the CLI's --aug-dim).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prior_from_normal_continues_the_generator() -> None:
+    gen = StackedGenerator([4, 9])
+    z = gen.randn((2, 3, 4, 4))
+    a = pfgmpp_prior_from_normal(z, 80.0, 512, gen)
+    b = pfgmpp_prior((2, 3, 4, 4), 80.0, 512, generator=StackedGenerator([4, 9]))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="StackedGenerator"):
+        pfgmpp_prior_from_normal(z, 80.0, 512, StackedGenerator([4]))
+    with pytest.raises(ValueError, match="sigma_max"):
+        pfgmpp_prior_from_normal(z, float("nan"), 512, StackedGenerator([4, 9]))
+
+
+def test_sample_seeds_with_the_pfgmpp_prior_equals_the_library_loop() -> None:
+    from epsscale.distributed import sample_seeds
+
+    s, D, shape, seeds = 0.5, 2048, (1, 4, 4), [3, 1, 7]
+    grid = sigmas_karras(6, 0.002, 80.0, 7.0)
+    den = eps_scaling(GaussianDenoiser(s), 1.004)
+    ident = lambda x: x.numpy()  # noqa: E731
+    got, _ = sample_seeds(den, seeds, shape, sampler="heun", sigmas=grid, to_uint8=ident, batch_size=2, prior_kind=f"pfgmpp:{D}", sampler_opts={"s_churn": 3.0})
+    for k, seed in enumerate(seeds):
+        gen = StackedGenerator([seed])
+        x = pfgmpp_prior((1, *shape), grid[0], D, generator=gen)
+        np.testing.assert_array_equal(got[k], heun(den, x, grid, noise=gen, s_churn=3.0)[0].numpy())
+    gauss, _ = sample_seeds(den, seeds, shape, sampler="heun", sigmas=grid, to_uint8=ident, batch_size=2, prior_kind="ve")
+    assert not np.array_equal(got, gauss)
+    for bad in ("pfgmpp:0", "pfgmpp:x", "pfgmpp", "edm"):
+        with pytest.raises(ValueError, match="prior kind"):
+            sample_seeds(den, seeds, shape, sampler="heun", sigmas=grid, to_uint8=ident, prior_kind=bad)
+
+
+def test_cli_aug_dim_samples_a_pfgmpp_net_or_is_refused(tmp_path, capsys) -> None:
+    import pickle
+    import warnings
+
+    from conftest import FakeEDMNet
+    from epsscale.cli import main
+
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(pickle.dumps({"ema": FakeEDMNet()}))
+    base = ["sample", "--edm", str(pkl), "--allow-pickle", "--sampler", "heun", "--steps", "5", "--seeds", "0-3", "--eps-scale", "1.003", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*base, "--aug-dim", "128", "--out", str(tmp_path / "p.npz")]) == 0
+        assert main([*base, "--out", str(tmp_path / "e.npz")]) == 0
+    p, e = (np.load(tmp_path / f"{n}.npz") for n in "pe")
+    assert p["arr_0"].shape == e["arr_0"].shape == (4, 8, 8, 3) and p["arr_0"].dtype == np.uint8
+    assert not np.array_equal(p["arr_0"], e["arr_0"])  # another prior
+    np.testing.assert_array_equal(p["arr_1"], e["arr_1"])  # a seed draws its label before its radius: EDM's label
+    capsys.readouterr()
+    for argv, needle in (
+        ([*base, "--aug-dim", "0"], "positive integer"),
+        (["sample", "--model", "toy", "--seeds", "0-1", "--aug-dim", "64"], "--edm"),
+        ([*base, "--aug-dim", "64", "--preset", "edm-cifar10-cond", "--steps", "7"], "--eps-scale"),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                code = main([*argv, "--out", str(tmp_path / "x.npz")])
+            except SystemExit as ex:  # argparse's own refusals
+                code = ex.code
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.npz").exists()

@@ -220,6 +220,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError("--preset-es needs --preset")
     if args.allow_pickle and not args.edm:
         raise UserError("--allow-pickle is for --edm PKL only")
+    if args.aug_dim is not None and not args.edm:
+        raise UserError("--aug-dim is for PFGM++ networks, given as --edm PKL")
     if args.guided_diffusion:
         return _sample_guided_diffusion(args, out, grid_png)
     if args.edm:
@@ -449,6 +451,8 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
         preset = get_preset(args.preset, steps=args.steps, sampler=args.sampler if args.sampler in ("heun", "euler") else None)
         if preset["framework"] != "edm":
             raise UserError(f"preset {args.preset} is an ADM preset; use it with --guided-diffusion CKPT")
+        if args.aug_dim is not None:
+            raise UserError(f"--preset {args.preset} holds EDM's lambdas, not PFGM++'s; give --eps-scale with --aug-dim")
         mine = [opt for opt, dest in _SAMPLER_OPTION_FLAGS if dest.startswith("s_") and getattr(args, dest) != _SAMPLE_DEFAULTS[dest]]
         if mine:
             raise UserError(f"{', '.join(mine)} cannot apply with --preset {args.preset}: the preset sets EDM's sampler options")
@@ -476,10 +480,11 @@ def _sample_edm(args: argparse.Namespace, out: Path, grid_png: Path | None) -> i
 
     res = dist.sample_seeds(
         eps_scaling(EDMDenoiser(net), lam, sigmas=sigmas), seeds, shape, sampler=sampler, sigmas=sigmas, to_uint8=to_u8,
-        batch_size=args.batch or 64, prior_kind="ve", sampler_opts=opts, num_classes=int(net.label_dim) or None, labels=labels,
+        batch_size=args.batch or 64, prior_kind="ve" if args.aug_dim is None else f"pfgmpp:{args.aug_dim}", sampler_opts=opts, num_classes=int(net.label_dim) or None, labels=labels,
         work_dir=work, job_meta={"model": _fingerprint(args.edm), "lam": repr(lam)}, outputs=(out, grid_png), progress=not args.quiet, device=device,
     )
-    return _write_samples(res, out, grid_png, work, None if args.quiet else f"({sampler}, {steps} steps, lambda {lam})")
+    prior_note = "" if args.aug_dim is None else f", PFGM++ prior D = {args.aug_dim}"
+    return _write_samples(res, out, grid_png, work, None if args.quiet else f"({sampler}, {steps} steps, lambda {lam}{prior_note})")
 
 
 def _sample_toy(args: argparse.Namespace, lam: Any, out: Path, grid_png: Path | None) -> int:
@@ -676,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", default=None, help="class labels, one per seed: 3,1,4,... or a .npy file")
     s.add_argument("--edm", default=None, metavar="NET.pkl", help="an NVlabs EDM network pickle (needs --allow-pickle and EDM's repo on PYTHONPATH)")
     s.add_argument("--allow-pickle", action="store_true", help="allow loading --edm pickles, which run code")
+    s.add_argument("--aug-dim", type=positive_int, default=None, metavar="D", help="with --edm: a PFGM++ network (Newbeeer/pfgmpp --aug_dim D); x_T follows its prior, r = sigma sqrt(D)")
     s.add_argument("--preset", default=None, help="the paper's settings, e.g. adm-cifar10 (with --steps 100/50/20 and --guided-diffusion CKPT)")
     s.add_argument("--preset-es", default="uniform", choices=("uniform", "linear"), help="the preset's uniform b, or its 20-step linear (k, b)")
     s.add_argument("--classifier", default=None, metavar="CKPT.pt", help="ADM-G classifier checkpoint (classifier guidance; ES never scales its gradient)")

@@ -457,6 +457,16 @@ def _assemble(wd: Path, seeds: Sequence[int], parts: dict[Path, tuple]) -> list[
     return list(parts.values())
 
 
+def _pfgmpp_dim(prior_kind: str) -> int | None:
+    """None for the Gaussian priors ("ve", "vp"); D for "pfgmpp:D" (PFGM++ with D extra dimensions)."""
+    if prior_kind in ("ve", "vp"):
+        return None
+    head, _, tail = str(prior_kind).partition(":")
+    if head == "pfgmpp" and tail.isdigit() and int(tail) >= 1:
+        return int(tail)
+    raise ValueError(f"unknown prior kind {prior_kind!r}: expected 've', 'vp' or 'pfgmpp:D' (D a positive integer)")
+
+
 def sample_seeds(
     denoiser: Denoiser,
     seeds: Sequence[int],
@@ -482,7 +492,9 @@ def sample_seeds(
     docstring); ``outputs`` names the final files the caller will write, whose stale
     temporaries a restart removes. Class labels: ``labels`` (one per seed) if given, else, for a
     class-conditional model, each seed draws its label from its own generator right after x_T
-    (EDM's ``generate.py``). Other ranks return None.
+    (EDM's ``generate.py``). ``prior_kind`` is "vp", "ve" or "pfgmpp:D" (PFGM++ with D extra
+    dimensions: x_T's direction is the same normal draw, its radius the draw after the label).
+    Other ranks return None.
     """
     from tqdm import tqdm
 
@@ -500,6 +512,9 @@ def sample_seeds(
     if labels is not None and len(labels) != len(seeds):
         raise ValueError(f"got {len(labels)} labels for {len(seeds)} seeds")
     label_of = dict(zip(seeds, (int(v) for v in labels))) if labels is not None else None
+    aug_dim = _pfgmpp_dim(prior_kind)
+    if aug_dim is not None:
+        from .pfgmpp import pfgmpp_prior_from_normal
     r, w = rank(), world_size()
     guarded = CheckFinite(denoiser, sigmas)
     fn = SAMPLERS[sampler]
@@ -548,7 +563,9 @@ def sample_seeds(
                 cond["y"] = torch.tensor([label_of[s] for s in rows], device=device)
             elif num_classes:
                 cond["y"] = gen.randint(num_classes, (len(rows),), device=device)
-            x = prior(z, sigmas[0], kind=prior_kind)
+            # PFGM++: the radius is each sample's next draw, after its label, so a seed gets the
+            # same label as with EDM's Gaussian prior.
+            x = prior(z, sigmas[0], kind=prior_kind) if aug_dim is None else pfgmpp_prior_from_normal(z, sigmas[0], aug_dim, gen)
             with torch.no_grad():
                 out = fn(guarded, x, sigmas, noise=gen, cond=cond or None, **(sampler_opts or {}))[: len(batch)]
             cond = {k: v[: len(batch)] for k, v in cond.items()}

@@ -50,6 +50,7 @@ __all__ = [
     "check_aug_dim",
     "pfgmpp_noise",
     "pfgmpp_prior",
+    "pfgmpp_prior_from_normal",
     "r_to_sigma",
     "sigma_to_r",
 ]
@@ -130,17 +131,39 @@ def pfgmpp_noise(
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise ValueError(f"sigma must be finite and > 0, got {sigma!r}")
     s = s.expand(shape[0]) if s.ndim == 0 else s.reshape(shape[0])
-    N = math.prod(shape[1:])
 
-    # Direction (uniform on the sphere) and uniform variate, per sample.
     z, u = _draws(shape, generator)
+    return _from_draws(z, u, s, D)
+
+
+def _from_draws(z: torch.Tensor, u: torch.Tensor, s: torch.Tensor, D: int) -> torch.Tensor:
+    """``x − y`` from each sample's normal ``z`` (its direction) and uniform ``u`` (its radius)."""
+    N = math.prod(z.shape[1:])
     z = z.to(torch.float64)
-    direction = z / z.flatten(1).norm(dim=1).reshape(-1, *[1] * (len(shape) - 1))
+    direction = z / z.flatten(1).norm(dim=1).reshape(-1, *[1] * (z.ndim - 1))
 
     # Radius: R² / r² ~ BetaPrime(N/2, D/2) by the inverse CDF.
     ratio = torch.from_numpy(betaprime_ppf(u.cpu().numpy(), N / 2, D / 2)).to(direction.device)
     radius = s.to(direction.device) * math.sqrt(D) * ratio.sqrt()  # R = r sqrt(R²/r²), [n]
-    return direction * radius.reshape(-1, *[1] * (len(shape) - 1))
+    return direction * radius.reshape(-1, *[1] * (z.ndim - 1))
+
+
+def pfgmpp_prior_from_normal(z: torch.Tensor, sigma_max: float | torch.Tensor, D: int, generator: StackedGenerator) -> torch.Tensor:
+    """:func:`pfgmpp_prior` for a normal draw ``z`` already taken from ``generator``.
+
+    Each sample takes its float64 uniform as the next draw of its own generator. Right after z,
+    the result equals ``pfgmpp_prior(z.shape, sigma_max, D, generator=...)`` on fresh generators
+    with the same seeds. :func:`epsscale.distributed.sample_seeds` calls it after a conditional
+    net's class labels, so a seed's label is the one EDM's Gaussian prior gives it.
+    """
+    D = check_aug_dim(D)
+    if not isinstance(generator, StackedGenerator) or len(generator) != z.shape[0]:
+        raise ValueError("pfgmpp_prior_from_normal needs the StackedGenerator that drew z (one seed per row)")
+    s = torch.as_tensor(sigma_max, dtype=torch.float64)
+    if s.ndim != 0 or not bool(torch.isfinite(s)) or not s > 0:
+        raise ValueError(f"sigma_max must be a finite number > 0, got {sigma_max!r}")
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=generator.device) for g in generator.generators])
+    return _from_draws(z, u, s.expand(z.shape[0]), D)
 
 
 def pfgmpp_prior(
