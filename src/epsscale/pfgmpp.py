@@ -127,13 +127,17 @@ def pfgmpp_noise(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be a batch shape [n, ...] of positive sizes, got {shape}")
-    s = torch.as_tensor(sigma, dtype=torch.float64)
-    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-        raise ValueError(f"sigma must be finite and > 0, got {sigma!r}")
-    s = s.expand(shape[0]) if s.ndim == 0 else s.reshape(shape[0])
-
+    s = _per_sample(sigma, shape[0], "sigma")
     z, u = _draws(shape, generator)
     return _from_draws(z, u, s, D)
+
+
+def _per_sample(sigma: torch.Tensor | float, n: int, name: str) -> torch.Tensor:
+    """``sigma`` (a number or a tensor [n]) as a float64 vector [n], each finite and > 0."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        raise ValueError(f"{name} must be finite and > 0, got {sigma!r}")
+    return s.expand(n) if s.ndim == 0 else s.reshape(n)
 
 
 def _from_draws(z: torch.Tensor, u: torch.Tensor, s: torch.Tensor, D: int) -> torch.Tensor:
@@ -159,11 +163,9 @@ def pfgmpp_prior_from_normal(z: torch.Tensor, sigma_max: float | torch.Tensor, D
     D = check_aug_dim(D)
     if not isinstance(generator, StackedGenerator) or len(generator) != z.shape[0]:
         raise ValueError("pfgmpp_prior_from_normal needs the StackedGenerator that drew z (one seed per row)")
-    s = torch.as_tensor(sigma_max, dtype=torch.float64)
-    if s.ndim != 0 or not bool(torch.isfinite(s)) or not s > 0:
-        raise ValueError(f"sigma_max must be a finite number > 0, got {sigma_max!r}")
+    s = _per_sample(sigma_max, z.shape[0], "sigma_max")
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=generator.device) for g in generator.generators])
-    return _from_draws(z, u, s.expand(z.shape[0]), D)
+    return _from_draws(z, u, s, D)
 
 
 def pfgmpp_prior(
