@@ -67,7 +67,7 @@ def test_hybrid_loss_penalises_wrong_variance():
 
 
 def test_resume_gives_the_same_weights_and_exports(tmp_path):
-    cfg = dict(flags={**TINY, "image_size": 32, "channel_mult": "1", "attention_resolutions": ""}, batch_size=4, steps=4, save_every=2, warmup=2)
+    cfg = dict(flags={**TINY, "image_size": 32, "channel_mult": "1", "attention_resolutions": ""}, batch_size=4, steps=4, save_every=2, warmup=2, lr_schedule="constant")
     train(TrainConfig(**cfg), tmp_path / "a", progress=False)
     train(TrainConfig(**cfg), tmp_path / "b", progress=False, max_seconds=0.0)  # stops after the first checkpoint
     assert json.loads((tmp_path / "b" / "loss.json").read_text())[-1]["step"] == 2
@@ -83,8 +83,10 @@ def test_resume_gives_the_same_weights_and_exports(tmp_path):
     assert all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
     with pytest.raises(ValueError, match="past --steps"):
         train(TrainConfig(**{**cfg, "steps": 2}), tmp_path / "c", progress=False)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match=r"different configuration \(lr: 0.0005 in the run, 0.001 now\)"):
         train(TrainConfig(**{**cfg, "lr": 1e-3}), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match=r"batch_size: 4 in the run, 8 now"):
+        train(TrainConfig(**{**cfg, "batch_size": 8}), tmp_path / "b", progress=False)
     (tmp_path / "m").mkdir()
     export_model(tmp_path / "a", tmp_path / "m" / "model")
     m = load_model(tmp_path / "m")
@@ -111,3 +113,74 @@ def test_bad_train_config():
         TrainConfig(steps=0).validate()
     with pytest.raises(ValueError):
         TrainConfig(ema_decay=1.5).validate()
+
+
+SMALL = dict(flags={**TINY, "image_size": 28, "channel_mult": "1", "attention_resolutions": ""}, batch_size=4, steps=6, save_every=2, warmup=2)
+
+
+def test_cosine_learning_rate():
+    from epsscale.models.train import learning_rate
+
+    cfg = TrainConfig(lr=1e-3, warmup=10, steps=110)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 9) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 10) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 60) == pytest.approx(0.5e-3)  # half way through the cosine
+    assert learning_rate(cfg, 110) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(TrainConfig(lr=1e-3, warmup=10, steps=110, lr_schedule="constant"), 100) == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step").validate()
+
+
+def test_cosine_run_cannot_change_its_step_count(tmp_path):
+    train(TrainConfig(**{**SMALL, "steps": 2}), tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="steps: 2 in the run, 6 now"):
+        train(TrainConfig(**SMALL), tmp_path / "r", progress=False)
+
+
+def test_interrupt_saves_the_step_in_flight_and_resumes_bit_identically(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from epsscale.models import train as train_mod
+    from epsscale.models.train import TrainingInterrupted
+
+    train(TrainConfig(**SMALL), tmp_path / "whole", progress=False)
+    calls = []
+    real = train_mod.hybrid_loss
+
+    def loss_then_ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C arrives during the third step, between checkpoints
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "hybrid_loss", loss_then_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="checkpoint saved at step 3"):
+        train(TrainConfig(**SMALL), tmp_path / "cut", progress=False)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(train_mod, "hybrid_loss", real)
+    train(TrainConfig(**SMALL), tmp_path / "cut", progress=False)
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert a["log"] == [{**e, "time": a["log"][i]["time"]} for i, e in enumerate(b["log"])]  # same losses, same blocks
+
+
+def test_snapshots_and_fork(tmp_path):
+    run = train(TrainConfig(**SMALL), tmp_path / "base", progress=False, snapshot_every=2)
+    snaps = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert snaps == sorted(f"{kind}_step{s:06d}.{ext}" for s in (2, 4, 6) for kind, ext in (("checkpoint", "pt"), ("ema", "safetensors")))
+    # A fork from step 4 with the same configuration is the base run, step for step.
+    fork = train(TrainConfig(**SMALL), tmp_path / "fork", progress=False, init_from=run / "snapshots" / "checkpoint_step000004.pt")
+    a = torch.load(run / "checkpoint.pt", weights_only=True)
+    b = torch.load(fork / "checkpoint.pt", weights_only=True)
+    assert b["step"] == 6 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    # With input perturbation the last two steps differ.
+    ip = train(TrainConfig(**{**SMALL, "input_perturbation": 0.1}), tmp_path / "ip", progress=False, init_from=run / "snapshots" / "checkpoint_step000004.pt")
+    c = torch.load(ip / "checkpoint.pt", weights_only=True)
+    assert not all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
+    with pytest.raises(ValueError, match="starts a new run only"):
+        train(TrainConfig(**{**SMALL, "input_perturbation": 0.1}), tmp_path / "ip", progress=False, init_from=run / "snapshots" / "checkpoint_step000004.pt")
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        train(TrainConfig(**SMALL), tmp_path / "x", progress=False, init_from=tmp_path / "nope.pt")

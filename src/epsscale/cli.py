@@ -624,8 +624,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.export:
         _writable(Path(args.export).with_suffix(".safetensors"))
     _threads(args)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, ema_decay=args.ema, input_perturbation=args.input_perturbation, seed=args.seed, data=args.data)
-    run = train(cfg, args.run_dir, progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup, ema_decay=args.ema, input_perturbation=args.input_perturbation, seed=args.seed, data=args.data)
+    run = train(cfg, args.run_dir, progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes else None, snapshot_every=args.snapshot_every, init_from=args.init_from, device=args.device)
     if args.export:
         extra = {"sampling": {"karras_sigma_max": args.karras_sigma_max}} if args.karras_sigma_max else None
         st, js = export_model(run, args.export, extra=extra)
@@ -705,10 +705,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train or resume the Fashion-MNIST model")
     t.add_argument("--run-dir", required=True)
-    t.add_argument("--steps", type=positive_int, default=6000)
+    t.add_argument("--steps", type=positive_int, default=16000)
     t.add_argument("--batch", type=positive_int, default=64)
     t.add_argument("--lr", type=positive_float, default=5e-4)
-    t.add_argument("--ema", type=nonneg_float, default=0.999)
+    t.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
+    t.add_argument("--warmup", type=int, default=500)
+    t.add_argument("--ema", type=nonneg_float, default=0.9995)
+    t.add_argument("--snapshot-every", type=positive_int, default=None)
+    t.add_argument("--init-from", default=None)
+    t.add_argument("--device", default="cpu")
     t.add_argument("--input-perturbation", type=nonneg_float, default=0.0, help="DDPM-IP gamma")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX .gz files")

@@ -10,7 +10,14 @@ Optional input perturbation (Ning et al. 2023, "DDPM-IP"): the network sees
 ``sqrt(abar) x0 + sqrt(1 - abar) (eps + gamma xi)`` but is asked for eps.
 
 Runs are resumable: everything (weights, EMA, optimiser, RNG states, loss log) lives in the run
-directory and is written atomically every ``save_every`` steps.
+directory and is written atomically every ``save_every`` steps, and when the run is interrupted
+(Ctrl-C or SIGTERM) at the end of the step in flight. ``snapshot_every`` also keeps the EMA
+weights and the full checkpoint of every N-th step under ``snapshots/``, for studies of training
+progress and for forks (``init_from``: continue another run's checkpoint with, say, input
+perturbation switched on).
+
+Learning rate: a linear warm-up over ``warmup`` steps, then constant (``lr_schedule="constant"``)
+or a half cosine from ``lr`` down to 0 at ``steps`` (``"cosine"``, the default).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,24 +39,25 @@ from torch import nn
 from .._atomic import atomic_write, atomic_write_text
 from ..schedules import VPSchedule
 
-__all__ = ["TrainConfig", "train", "hybrid_loss", "export_model", "DEMO_FLAGS"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "train", "hybrid_loss", "export_model", "learning_rate", "DEMO_FLAGS"]
 
-# The shipped Fashion-MNIST model: 1 channel at 32x32 (28 padded), ADM blocks.
+# The shipped Fashion-MNIST model: 1 channel at 28x28 (no padding: 28 -> 14 -> 7), ADM blocks.
 DEMO_FLAGS: dict[str, Any] = {
-    "image_size": 32,
+    "image_size": 28,
     "in_channels": 1,
     "num_channels": 32,
     "channel_mult": "1,2,2",
-    "num_res_blocks": 1,
-    "attention_resolutions": "8",
+    "num_res_blocks": 2,
+    "attention_resolutions": "14,7",
     "num_head_channels": 32,
     "learn_sigma": True,
     "use_scale_shift_norm": True,
     "resblock_updown": False,
     "use_new_attention_order": True,
-    "dropout": 0.1,
+    "dropout": 0.0,
     "class_cond": False,
 }
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -57,10 +67,11 @@ class TrainConfig:
     num_timesteps: int = 1000
     batch_size: int = 64
     lr: float = 5e-4
+    lr_schedule: str = "cosine"
     weight_decay: float = 0.0
-    warmup: int = 200
-    steps: int = 8000
-    ema_decay: float = 0.999
+    warmup: int = 500
+    steps: int = 16000
+    ema_decay: float = 0.9995
     input_perturbation: float = 0.0
     seed: int = 0
     save_every: int = 200
@@ -77,6 +88,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0 (at 0 nothing trains)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -139,9 +154,41 @@ def hybrid_loss(net: nn.Module, schedule: VPSchedule, x0: torch.Tensor, t: torch
     return loss, {"mse": float(mse.detach().mean()), "vb": float(vb.detach().mean())}
 
 
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): warm-up, then constant or cosine."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    p = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
+
+# Fields that may change between invocations of one run: where the data lives (it is Fashion-MNIST's
+# train split wherever it is read from), and, for a constant learning rate, the step count, so that
+# a run can be extended or exported at an earlier checkpoint. A cosine schedule depends on it.
+_FREE_FIELDS = ("data",)
+
+
+def _config_difference(saved: dict, mine: dict) -> list[str]:
+    """Names (and both values) of the fields that make ``mine`` another run than ``saved``."""
+    free = set(_FREE_FIELDS)
+    if mine.get("lr_schedule") == "constant" and saved.get("lr_schedule", "constant") == "constant":
+        free.add("steps")
+    diff = []
+    for key in sorted(set(saved) | set(mine)):
+        if key in free:
+            continue
+        a, b = saved.get(key, "<absent>"), mine.get(key, "<absent>")
+        if key == "flags" and isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"flags.{k}: {a.get(k, '<absent>')!r} in the run, {b.get(k, '<absent>')!r} now" for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+        elif a != b:
+            diff.append(f"{key}: {a!r} in the run, {b!r} now")
+    return diff
 
 
 def _build(cfg: TrainConfig) -> nn.Module:
@@ -150,11 +197,33 @@ def _build(cfg: TrainConfig) -> nn.Module:
     return create_adm_model(cfg.flags)
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True, max_seconds: float | None = None) -> Path:
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped ``train`` after it saved the step in flight; ``step`` says which."""
+
+    def __init__(self, step: int, run: Path) -> None:
+        super().__init__(f"interrupted: checkpoint saved at step {step} in {run}; rerun the same command to resume from there")
+        self.step = step
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    max_seconds: float | None = None,
+    snapshot_every: int | None = None,
+    init_from: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
     """Train (or resume) in ``run_dir``. Returns the run directory.
 
     ``max_seconds`` stops cleanly after a checkpoint once that much wall time has passed, so a
     long run can be split over several sessions; rerun the same command to continue.
+    ``snapshot_every`` keeps ``snapshots/ema_stepNNNNNN.safetensors`` and
+    ``snapshots/checkpoint_stepNNNNNN.pt`` every that many steps. ``init_from`` starts a new run
+    from another run's checkpoint file (weights, EMA, optimiser, RNG states, step and loss log);
+    only the configuration in ``cfg`` is new. Ctrl-C (or SIGTERM) finishes the step in flight,
+    saves a checkpoint and raises ``TrainingInterrupted``.
     """
     from safetensors.torch import save as save_safetensors
     from tqdm import tqdm
@@ -165,91 +234,130 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True
     run = Path(run_dir)
     ckpt_path = run / "checkpoint.pt"
     cfg_path = run / "train_config.json"
+    if snapshot_every is not None and (isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1):
+        raise ValueError(f"snapshot_every must be a positive integer, got {snapshot_every!r}")
     if cfg_path.exists():
-        # The step count may change between invocations (the schedule does not depend on it),
-        # so a run can be extended, or exported at an earlier checkpoint. Where the data lives
-        # may change too: it is Fashion-MNIST's train split wherever it is read from.
         saved = json.loads(cfg_path.read_text())
-        mine = json.loads(json.dumps(asdict(cfg)))
-        if {k: v for k, v in saved.items() if k not in ("steps", "data")} != {k: v for k, v in mine.items() if k not in ("steps", "data")}:
-            raise ValueError(f"{run} holds a run with a different configuration; use a new --run-dir")
+        diff = _config_difference(saved, json.loads(json.dumps(asdict(cfg))))
+        if diff:
+            raise ValueError(f"{run} holds a run with a different configuration ({'; '.join(diff)}); use a new --run-dir")
+        if init_from is not None and ckpt_path.exists():
+            raise ValueError(f"{run} already holds a checkpoint; --init-from starts a new run only")
+    init_path = Path(init_from) if init_from is not None else None
+    if init_path is not None and not init_path.is_file():
+        raise ValueError(f"--init-from {init_path}: no such checkpoint file")
 
     # Data first, so that a wrong --data leaves no run directory behind; then model, optimiser.
     images, _ = load_fashion_mnist("train", cfg.data)
-    data = to_model_space(images, cfg.flags["image_size"])  # [60000, 1, 32, 32]
+    data = to_model_space(images, int(cfg.flags["image_size"]))  # [60000, 1, size, size]
     if not cfg_path.exists():
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2) + "\n")
     schedule = VPSchedule(cfg.schedule, cfg.num_timesteps)
+    device = torch.device(device)
+    data = data.to(device)
     torch.manual_seed(cfg.seed)
-    net = _build(cfg).to(memory_format=torch.channels_last)
-    ema = _build(cfg).to(memory_format=torch.channels_last)
+    net = _build(cfg).to(device, memory_format=torch.channels_last)
+    ema = _build(cfg).to(device, memory_format=torch.channels_last)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, log = 0, []
-    if ckpt_path.exists():
+    acc: dict[str, list[float]] = {"loss": [], "mse": [], "vb": []}
+    source = ckpt_path if ckpt_path.exists() else init_path
+    if source is not None:
         try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            state = torch.load(source, map_location=device, weights_only=True)
         except Exception as err:
-            raise ValueError(f"{ckpt_path}: not a readable checkpoint ({type(err).__name__}); delete it to restart the run from step 0") from None
+            raise ValueError(f"{source}: not a readable checkpoint ({type(err).__name__}); delete it to restart the run from step 0") from None
         if state["step"] > cfg.steps:
-            raise ValueError(f"{run} is already at step {state['step']}, past --steps {cfg.steps}")
+            raise ValueError(f"{source} is already at step {state['step']}, past --steps {cfg.steps}")
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["gen"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
         step, log = state["step"], state["log"]
+        acc = state.get("acc", acc)  # the losses of a block that an interrupt cut short
 
-    def save() -> None:
-        state = {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "log": log}
-        atomic_write(ckpt_path, lambda f: torch.save(state, f))
-        atomic_write(run / "ema.safetensors", lambda f: f.write(save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()})))
-        atomic_write_text(run / "loss.json", json.dumps(log) + "\n")
+    def save(path: Path = ckpt_path) -> None:
+        state = {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "log": log, "acc": acc}
+        atomic_write(path, lambda f: torch.save(state, f))
+        if path == ckpt_path:
+            atomic_write(run / "ema.safetensors", lambda f: f.write(save_safetensors({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})))
+            atomic_write_text(run / "loss.json", json.dumps(log) + "\n")
+
+    def snapshot() -> None:
+        snaps = run / "snapshots"
+        snaps.mkdir(exist_ok=True)
+        shutil.copyfile(run / "ema.safetensors", snaps / f".ema_step{step:06d}.tmp")
+        os.replace(snaps / f".ema_step{step:06d}.tmp", snaps / f"ema_step{step:06d}.safetensors")
+        save(snaps / f"checkpoint_step{step:06d}.pt")
+
+    # Ctrl-C and SIGTERM finish the step in flight, so that the checkpoint is a consistent state.
+    stop: list[int] = []
+    handlers = {}
+    if threading_main():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
 
     start = time.time()
     net.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", unit="step")
-    acc: dict[str, list[float]] = {"loss": [], "mse": [], "vb": []}
-    while step < cfg.steps:
-        # Batch.
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
-        x0 = data[idx].contiguous(memory_format=torch.channels_last)
-        t = torch.randint(cfg.num_timesteps, (cfg.batch_size,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen).contiguous(memory_format=torch.channels_last)
-        xi = torch.randn(x0.shape, generator=gen) if cfg.input_perturbation else None
+    try:
+        while step < cfg.steps:
+            # Batch (drawn on the CPU, so that a run is the same batch for batch on any device).
+            idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+            x0 = data[idx.to(device)].contiguous(memory_format=torch.channels_last)
+            t = torch.randint(cfg.num_timesteps, (cfg.batch_size,), generator=gen).to(device)
+            eps = torch.randn(x0.shape, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+            xi = torch.randn(x0.shape, generator=gen).to(device) if cfg.input_perturbation else None
 
-        # Optimiser step with linear warmup.
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        loss, parts = hybrid_loss(net, schedule, x0, t, eps, gamma=cfg.input_perturbation, xi=xi)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+            # Optimiser step.
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            loss, parts = hybrid_loss(net, schedule, x0, t, eps, gamma=cfg.input_perturbation, xi=xi)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
 
-        # EMA (with the usual warm-up of the decay).
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
-        step += 1
-        acc["loss"].append(loss.item())
-        acc["mse"].append(parts["mse"])
-        acc["vb"].append(parts["vb"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{acc['loss'][-1]:.4f}")
+            # EMA (with the usual warm-up of the decay).
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), net.parameters()):
+                    pe.lerp_(p, 1 - decay)
+            step += 1
+            acc["loss"].append(loss.item())
+            acc["mse"].append(parts["mse"])
+            acc["vb"].append(parts["vb"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{acc['loss'][-1]:.4f}")
 
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            log.append({"step": step, **{k: float(np.mean(v)) for k, v in acc.items()}, "time": time.time()})
-            acc = {k: [] for k in acc}
-            save()
-            if max_seconds is not None and time.time() - start > max_seconds:
-                break
-    bar.close()
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                log.append({"step": step, **{k: float(np.mean(v)) for k, v in acc.items()}, "lr": learning_rate(cfg, step - 1), "time": time.time()})
+                acc = {k: [] for k in acc}
+                save()
+                if snapshot_every and step % snapshot_every == 0:
+                    snapshot()
+                if max_seconds is not None and time.time() - start > max_seconds:
+                    break
+            if stop:
+                save()
+                raise TrainingInterrupted(step, run)
+    finally:
+        bar.close()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     return run
+
+
+def threading_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def export_model(run_dir: str | os.PathLike, out_prefix: str | os.PathLike, *, extra: dict | None = None) -> tuple[Path, Path]:
@@ -272,7 +380,7 @@ def export_model(run_dir: str | os.PathLike, out_prefix: str | os.PathLike, *, e
         "learn_sigma": bool(cfg["flags"].get("learn_sigma", False)),
         "data": "fashion-mnist",
         "crop": 28,
-        "training": {**{k: cfg[k] for k in ("batch_size", "lr", "steps", "ema_decay", "input_perturbation", "seed")}, "steps_done": log[-1]["step"] if log else 0, "final_loss": log[-1] if log else None},
+        "training": {**{k: cfg[k] for k in ("batch_size", "lr", "steps", "ema_decay", "input_perturbation", "seed") if k in cfg}, "lr_schedule": cfg.get("lr_schedule", "constant"), "steps_done": log[-1]["step"] if log else 0, "final_loss": log[-1] if log else None},
         **(extra or {}),
     }
     st = out.with_suffix(".safetensors")
