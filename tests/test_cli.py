@@ -91,32 +91,30 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 def test_karras_grid_top_defaults_to_the_model_config():
     """--disc karras without --sigma-max starts at the shipped model's recommended sigma (its config's
     sampling.karras_sigma_max), an explicit value wins, and a model without one gets EDM's 80."""
-    from types import SimpleNamespace
+    import dataclasses
 
-    from epsscale.cli import make_grid
-    from epsscale.models.pretrained import load_model
+    from epsscale.models.pretrained import build_plan, load_model
 
     m = load_model("fmnist")
-    assert m.config["sampling"]["karras_sigma_max"] == 25.0
-    assert float(make_grid(m, "heun", 6, "karras")[0]) == pytest.approx(25.0)
-    assert float(make_grid(m, "heun", 6, "karras", 13.0)[0]) == pytest.approx(13.0)
-    bare = SimpleNamespace(schedule=m.schedule, config={})
-    assert float(make_grid(bare, "heun", 6, "karras")[0]) == pytest.approx(80.0)
-    assert float(make_grid(bare, "heun", 6, "karras", 1e9)[0]) == pytest.approx(float(m.schedule.sigma_max))
+    top = m.config["sampling"]["karras_sigma_max"]
+    assert float(build_plan(m, sampler="heun", steps=6, disc="karras").sigmas[0]) == pytest.approx(top)
+    assert float(build_plan(m, sampler="heun", steps=6, disc="karras", sigma_max=13.0).sigmas[0]) == pytest.approx(13.0)
+    bare = dataclasses.replace(m, config={k: v for k, v in m.config.items() if k != "sampling"})
+    assert float(build_plan(bare, sampler="heun", steps=6, disc="karras").sigmas[0]) == pytest.approx(80.0)
+    assert float(build_plan(bare, sampler="heun", steps=6, disc="karras", sigma_max=1e9).sigmas[0]) == pytest.approx(float(m.schedule.sigma_max))
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
 def test_train_exports_a_model_that_loads_with_its_karras_top(tmp_path):
-    from epsscale.cli import make_grid
-    from epsscale.models.pretrained import load_model
+    from epsscale.models.pretrained import build_plan, load_model
 
     run, prefix = tmp_path / "run", tmp_path / "m" / "model"
     prefix.parent.mkdir()
     assert main(["train", "--run-dir", str(run), "--steps", "1", "--batch", "2", "--threads", "1", "--quiet", "--export", str(prefix), "--karras-sigma-max", "25"]) == 0
     m = load_model(prefix.parent)
     assert m.config["sampling"] == {"karras_sigma_max": 25.0} and m.config["training"]["steps_done"] == 1
-    assert float(make_grid(m, "euler", 5, "karras")[0]) == pytest.approx(25.0, rel=1e-12)
+    assert float(build_plan(m, sampler="euler", steps=5, disc="karras").sigmas[0]) == pytest.approx(25.0, rel=1e-12)
     # Without the option the config has no sampling block, and a Karras grid starts at the model's top (capped at 80).
     assert main(["train", "--run-dir", str(run), "--steps", "1", "--batch", "2", "--threads", "1", "--quiet", "--export", str(prefix)]) == 0
     m = load_model(prefix.parent)
-    assert "sampling" not in m.config and float(make_grid(m, "euler", 5, "karras")[0]) > 25.0
+    assert "sampling" not in m.config and float(build_plan(m, sampler="euler", steps=5, disc="karras").sigmas[0]) > 25.0

@@ -74,6 +74,8 @@ import torch
 import epsscale.distributed as dist
 from epsscale.cli import main
 from epsscale.models.pretrained import load_model
+from epsscale.plan import SamplingPlan
+from epsscale.sampling import parse_seeds, sample_seeds
 
 out, model_dir, ref, seeds, steps, cases = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
 for name, extra in cases:
@@ -83,7 +85,7 @@ for name, fid_batch in [(name, "250") for name, _ in cases] + [("ddpm-b7", "5")]
 m = load_model(model_dir)
 sigmas = m.schedule.grid(steps)
 for b in (1, 7, 64):
-    res = dist.sample_seeds(m.denoiser, dist.parse_seeds(seeds), m.shape, sampler="ddpm", sigmas=sigmas, to_uint8=lambda x: x.numpy(), batch_size=b)
+    res = sample_seeds(SamplingPlan(m.denoiser, sigmas, "ddpm", m.shape, lambda x: x.numpy()), parse_seeds(seeds), batch_size=b)
     if dist.rank() == 0:
         np.save(f"{out}/float-b{b}.npy", res[0])
 if dist.rank() == 0:
@@ -161,21 +163,22 @@ def test_library_float_samples_identical_without_work_dir(setup, world2):
     ws2, _ = world2
     m = load_model(str(model))
     sigmas = m.schedule.grid(STEPS)
-    seeds = dist.parse_seeds(SEEDS)
+    seeds = parse_seeds(SEEDS)
+    plan = SamplingPlan(m.denoiser, sigmas, "ddpm", m.shape, lambda x: x.numpy())
     # The network matters here: its output is not the zero of an untrained ADM.
     x = torch.randn(2, *m.shape, dtype=torch.float64)
     assert (m.denoiser(x, torch.tensor([5.0, 5.0], dtype=torch.float64)).x0 - x).abs().max() > 1e-3
     first = None
     for b in BATCHES:
-        ref, labels = dist.sample_seeds(m.denoiser, seeds, m.shape, sampler="ddpm", sigmas=sigmas, to_uint8=lambda x: x.numpy(), batch_size=b)
+        ref, labels = sample_seeds(plan, seeds, batch_size=b)
         assert labels is None and ref.dtype == np.float32 and ref.shape == (17, 1, 32, 32)
         np.testing.assert_array_equal(np.load(ws2 / f"float-b{b}.npy"), ref)
         first = ref if first is None else first
         np.testing.assert_allclose(ref, first, rtol=1e-5, atol=1e-6 * float(np.abs(first).max()))
     # Seed order is the order asked for, whatever the striding; a shorter list is padded to the
     # batch, so its samples are bit-identical to the same seeds in the full run.
-    part, _ = dist.sample_seeds(m.denoiser, [16, 3, 9], m.shape, sampler="ddpm", sigmas=sigmas, to_uint8=lambda x: x.numpy(), batch_size=7)
-    full, _ = dist.sample_seeds(m.denoiser, seeds, m.shape, sampler="ddpm", sigmas=sigmas, to_uint8=lambda x: x.numpy(), batch_size=7)
+    part, _ = sample_seeds(plan, [16, 3, 9], batch_size=7)
+    full, _ = sample_seeds(plan, seeds, batch_size=7)
     np.testing.assert_array_equal(part, full[[16, 3, 9]])
 
 

@@ -21,7 +21,9 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-import epsscale.distributed as dist
+import epsscale.sampling as dist
+from epsscale import samplers, store
+from epsscale.plan import SamplingPlan
 from epsscale.cli import SAMPLER_NAMES, main
 from epsscale.scaling import SCHEDULE_FORMAT, load_schedule, resolve_schedule, save_schedule, schedule_from_dict
 
@@ -432,7 +434,7 @@ def test_output_that_cannot_be_written(where, needle, tiny, tmp_path):
 
 
 def _crash_after_first_batch(monkeypatch):
-    real = dist.SAMPLERS["ddpm"]
+    real = samplers.SAMPLERS["ddpm"]
     calls = []
 
     def sampler(den, x, sigmas, **kw):
@@ -441,7 +443,7 @@ def _crash_after_first_batch(monkeypatch):
             raise KeyboardInterrupt
         return real(den, x, sigmas, **kw)
 
-    monkeypatch.setitem(dist.SAMPLERS, "ddpm", sampler)
+    monkeypatch.setitem(samplers.SAMPLERS, "ddpm", sampler)
     return real
 
 
@@ -450,7 +452,7 @@ def test_resuming_with_different_settings_is_refused(tiny, tmp_path, monkeypatch
     real = _crash_after_first_batch(monkeypatch)
     code, err = run(sample_args(tiny, out))
     assert code == 130 and (tmp_path / "o.npz.parts").is_dir()
-    monkeypatch.setitem(dist.SAMPLERS, "ddpm", real)
+    monkeypatch.setitem(samplers.SAMPLERS, "ddpm", real)
     base = sample_args(tiny, out)
     for change in (["--steps", "3"], ["--seeds", "0-3"], ["--eps-scale", "1.01"], ["--sampler", "ddim"]):
         code, err = run([*base, *change])  # the last occurrence of an option wins
@@ -480,7 +482,7 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     keep = ["o.npz", ".o.npz", "o.npz.123.tmp", ".other.npz.1.1a2b3c4d.tmp", ".o.npz.parts", ".o.npz.x.tmp"]
     for n in stale + keep:
         (tmp_path / n).write_text("x")
-    removed = dist.remove_stale_temps(out)
+    removed = store.remove_stale_temps(out)
     assert sorted(p.name for p in removed) == sorted(stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
 
@@ -579,7 +581,8 @@ def _forbidden(x, sigma, **cond):
 def test_sample_seeds_rejects_bad_arguments_before_sampling(kw, needle):
     args = {"seeds": [0, 1], "sampler": "ddpm", "batch_size": 2, **kw}
     with pytest.raises(ValueError, match=needle):
-        dist.sample_seeds(_forbidden, args.pop("seeds"), (2,), sigmas=torch.tensor([1.0, 0.0], dtype=torch.float64), to_uint8=lambda x: x.numpy(), **args)
+        plan = SamplingPlan(_forbidden, torch.tensor([1.0, 0.0], dtype=torch.float64), args.pop("sampler"), (2,), lambda x: x.numpy(), labels=args.pop("labels", None))
+        dist.sample_seeds(plan, args.pop("seeds"), **args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,12 +660,12 @@ def test_unreadable_edm_pickles(payload, needle, tmp_path):
         r = subprocess.run([sys.executable, "-m", "epsscale", *map(str, argv)], capture_output=True, text=True, env=env)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 2, r.stderr
-        assert lines[0].startswith("epsscale: warning:") and "only load pickles you trust" in lines[0]
-        assert "dnnlib" in lines[1] and lines[1].startswith("epsscale: error:")
+        assert lines[0].startswith("epsscale sample: warning:") and "only load pickles you trust" in lines[0]
+        assert "dnnlib" in lines[1] and lines[1].startswith("epsscale sample: error:")
 
 
 def test_labels_that_are_not_numbers_name_the_option(tmp_path):
-    from epsscale.cli import UserError, _parse_labels
+    from epsscale.cli.common import UserError, parse_labels as _parse_labels
 
     np.save(tmp_path / "l.npy", np.array(["a", "b"]))
     with pytest.raises(UserError, match="--labels: .*non-numbers"):

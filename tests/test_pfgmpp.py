@@ -204,22 +204,24 @@ def test_prior_from_normal_continues_the_generator() -> None:
 
 
 def test_sample_seeds_with_the_pfgmpp_prior_equals_the_library_loop() -> None:
-    from epsscale.distributed import sample_seeds
+    from epsscale.plan import SamplingPlan
+    from epsscale.sampling import sample_seeds
 
     s, D, shape, seeds = 0.5, 2048, (1, 4, 4), [3, 1, 7]
     grid = sigmas_karras(6, 0.002, 80.0, 7.0)
     den = eps_scaling(GaussianDenoiser(s), 1.004)
     ident = lambda x: x.numpy()  # noqa: E731
-    got, _ = sample_seeds(den, seeds, shape, sampler="heun", sigmas=grid, to_uint8=ident, batch_size=2, prior_kind=f"pfgmpp:{D}", sampler_opts={"s_churn": 3.0})
+    plan = SamplingPlan(GaussianDenoiser(s), grid, "heun", shape, ident, lam=1.004, sampler_opts={"s_churn": 3.0}, prior="pfgmpp", aug_dim=D)
+    got, _ = sample_seeds(plan, seeds, batch_size=2)
     for k, seed in enumerate(seeds):
         gen = StackedGenerator([seed])
         x = pfgmpp_prior((1, *shape), grid[0], D, generator=gen)
         np.testing.assert_array_equal(got[k], heun(den, x, grid, noise=gen, s_churn=3.0)[0].numpy())
-    gauss, _ = sample_seeds(den, seeds, shape, sampler="heun", sigmas=grid, to_uint8=ident, batch_size=2, prior_kind="ve")
+    gauss, _ = sample_seeds(plan.replace(prior="ve", aug_dim=None), seeds, batch_size=2)
     assert not np.array_equal(got, gauss)
-    for bad in ("pfgmpp:0", "pfgmpp:x", "pfgmpp", "edm"):
-        with pytest.raises(ValueError, match="prior kind"):
-            sample_seeds(den, seeds, shape, sampler="heun", sigmas=grid, to_uint8=ident, prior_kind=bad)
+    for bad in ({"prior": "pfgmpp", "aug_dim": 0}, {"prior": "pfgmpp", "aug_dim": None}, {"prior": "edm", "aug_dim": None}, {"prior": "ve", "aug_dim": 3}):
+        with pytest.raises(ValueError, match="prior|aug_dim"):
+            plan.replace(**bad)
 
 
 def test_cli_aug_dim_samples_a_pfgmpp_net_or_is_refused(tmp_path, capsys) -> None:

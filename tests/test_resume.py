@@ -27,7 +27,7 @@ import pytest
 import torch
 from conftest import randomise_output_layer
 
-import epsscale.distributed as dist
+from epsscale import samplers, store
 from epsscale.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ BATCH = 4  # 5 batches at world size 1; 3 per rank (4, 4, 2) at world size 2
 DRIVER = r'''
 import io, os, signal, sys, time
 import numpy as np
-import epsscale.distributed as dist
+from epsscale import samplers, store
 from epsscale.cli import main
 
 trace, delay, die = os.environ["ES_TRACE"], float(os.environ.get("ES_DELAY", "0")), os.environ.get("ES_DIE", "")
@@ -54,8 +54,8 @@ def traced(fn):
         return fn(denoiser, x, sigmas, noise=noise, **kw)
     return run
 
-for name, fn in list(dist.SAMPLERS.items()):
-    dist.SAMPLERS[name] = traced(fn)
+for name, fn in list(samplers.SAMPLERS.items()):
+    samplers.SAMPLERS[name] = traced(fn)
 
 real_savez, shards = np.savez, [0]
 def savez(file, *args, **kw):
@@ -236,8 +236,8 @@ class Counting:
 
     def __init__(self, monkeypatch) -> None:
         self.batches: list[list[int]] = []
-        for name, fn in list(dist.SAMPLERS.items()):
-            monkeypatch.setitem(dist.SAMPLERS, name, self._wrap(fn))
+        for name, fn in list(samplers.SAMPLERS.items()):
+            monkeypatch.setitem(samplers.SAMPLERS, name, self._wrap(fn))
 
     def _wrap(self, fn):
         def run(denoiser, x, sigmas, *, noise=None, **kw):
@@ -325,7 +325,7 @@ def test_restart_after_a_crash_keeps_the_runs_batch_size(model, reference, tmp_p
     """A resumed run keeps the batch size in run.json whatever it is given: the network's float32
     rounding depends on the batch shape, and the result must be bit-identical."""
     out = tmp_path / "out.npz"
-    real = dist.SAMPLERS["ddpm"]
+    real = samplers.SAMPLERS["ddpm"]
     calls = []
 
     def crash_on_third(den, x, sigmas, **kw):
@@ -334,11 +334,11 @@ def test_restart_after_a_crash_keeps_the_runs_batch_size(model, reference, tmp_p
             raise RuntimeError("simulated crash")
         return real(den, x, sigmas, **kw)
 
-    monkeypatch.setitem(dist.SAMPLERS, "ddpm", crash_on_third)
+    monkeypatch.setitem(samplers.SAMPLERS, "ddpm", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(command(model, out))
     assert sorted(p.name for p in (tmp_path / "out.npz.parts").glob("seeds-*")) == ["seeds-000000-000003.npz", "seeds-000004-000007.npz"]
-    monkeypatch.setitem(dist.SAMPLERS, "ddpm", real)
+    monkeypatch.setitem(samplers.SAMPLERS, "ddpm", real)
     counting = Counting(monkeypatch)
     assert main(command(model, out, batch=5)) == 0
     assert sorted(counting.seeds) == list(range(8, 20)) and [len(b) for b in counting.batches] == [4, 4, 4]
@@ -416,7 +416,7 @@ class _Hook:
 
 def test_job_key_is_stable_across_processes_and_sees_option_values():
     def key(opts):
-        return dist.Job("ddpm", (1.0, 0.0), (1, 8, 8), "vp", "1.0", json.dumps(dist._stable(opts), sort_keys=True), "m").key()
+        return store.Job("ddpm", (1.0, 0.0), (1, 8, 8), "vp", "1.0", store.job_options(opts), "m").key()
 
     # A fresh object with the same settings (as in a restarted process) gives the same key ...
     assert key({"clip": 1.0, "classifier_grad": _Hook(0.5)}) == key({"classifier_grad": _Hook(0.5), "clip": 1.0})

@@ -1,6 +1,6 @@
 """Adapters: every network type becomes one *denoiser* in VE form.
 
-The contract (DESIGN.md §2)::
+The contract (docs/design.md, "Denoiser contract")::
 
     D(x, sigma, **cond) -> x0            # or a Prediction(x0, var_interp)
 
@@ -26,6 +26,8 @@ __all__ = [
     "Denoiser",
     "Prediction",
     "as_prediction",
+    "append_dims",
+    "sigma_vector",
     "VPDenoiser",
     "EDMDenoiser",
     "FlowDenoiser",
@@ -60,7 +62,7 @@ def as_prediction(out: torch.Tensor | Prediction) -> Prediction:
     return out if isinstance(out, Prediction) else Prediction(out)
 
 
-def _sigma_vector(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+def sigma_vector(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Broadcast sigma to a per-sample float64 vector [N]."""
     s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
     if s.ndim == 0:
@@ -70,8 +72,8 @@ def _sigma_vector(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(x.shape[0])
 
 
-def _bc(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """[N] -> [N, 1, 1, ...] broadcastable against x."""
+def append_dims(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector [N] as [N, 1, 1, ...], broadcastable against x."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -117,13 +119,13 @@ class VPDenoiser:
         self.sigma_max = schedule.sigma_max
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor | Prediction:
-        sigma = _sigma_vector(sigma, x)
+        sigma = sigma_vector(sigma, x)
         t = self.schedule.timestep(sigma).to(x.device)
         # The conversions use sigma itself; only the timestep fed to the net is snapped, so
         # off-table grids (e.g. Karras) stay consistent (k-diffusion's quantised discrete models).
         abar = sigma_to_alpha_bar(sigma)
-        sigma_t = _bc(sigma, x)
-        sqrt_abar = _bc(abar.sqrt(), x)
+        sigma_t = append_dims(sigma, x)
+        sqrt_abar = append_dims(abar.sqrt(), x)
 
         # Network call in VP units at the original timestep.
         x_vp = (x * sqrt_abar).to(self.dtype)
@@ -144,7 +146,7 @@ class VPDenoiser:
         if self.prediction == "eps":
             x0 = x - sigma_t.to(x.dtype) * out
         elif self.prediction == "v":
-            sqrt_1m = _bc((1 - abar).sqrt(), x)
+            sqrt_1m = append_dims((1 - abar).sqrt(), x)
             x0 = (sqrt_abar * (x * sqrt_abar) - sqrt_1m * out).to(x.dtype)
         else:
             x0 = out
@@ -171,7 +173,7 @@ class EDMDenoiser:
         return torch.as_tensor(self.net.round_sigma(sigma))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        sigma = _sigma_vector(sigma, x)
+        sigma = sigma_vector(sigma, x)
         labels = cond.get("class_labels")
         if labels is None and cond.get("y") is not None and getattr(self.net, "label_dim", 0):
             labels = torch.nn.functional.one_hot(cond["y"].long(), int(self.net.label_dim)).to(x.device, torch.float32)
@@ -192,8 +194,13 @@ class FlowDenoiser:
         self.dtype = dtype or _net_dtype(net, torch.float32)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        sigma = _sigma_vector(sigma, x)
+        sigma = sigma_vector(sigma, x)
         t = sigma / (1 + sigma)
-        x_t = (x / _bc(1 + sigma, x)).to(self.dtype)
+        x_t = (x / append_dims(1 + sigma, x)).to(self.dtype)
         u = self.net(x_t, (t * self.time_scale).to(self.dtype), **cond).to(x.dtype)
-        return x_t.to(x.dtype) - _bc(t, x).to(x.dtype) * u
+        return x_t.to(x.dtype) - append_dims(t, x).to(x.dtype) * u
+
+
+# Old private names, kept only until epsscale.exposure moves to the public ones.
+_bc = append_dims
+_sigma_vector = sigma_vector

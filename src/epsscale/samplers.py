@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Literal, Protocol, Sequence
 
 import torch
 
-from .adapters import Denoiser, Prediction, _bc, as_prediction
+from .adapters import Denoiser, Prediction, append_dims, as_prediction
 from .schedules import check_grid, sigma_to_alpha_bar
 
 __all__ = [
@@ -122,7 +122,7 @@ Callback = Callable[[StepInfo], None]
 def _report(callback: Callback | None, i: int, sigma: torch.Tensor, sigma_next: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor, x_next: torch.Tensor) -> None:
     if callback is None:
         return
-    eps = (x - denoised) / _bc(sigma, x).to(x.dtype)
+    eps = (x - denoised) / append_dims(sigma, x).to(x.dtype)
     callback(StepInfo(i, sigma, sigma_next, x, denoised, eps, x_next))
 
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol, Union
 import torch
 
 from ._atomic import atomic_write_text
-from .adapters import Denoiser, Prediction, _bc, _sigma_vector, as_prediction
+from .adapters import Denoiser, Prediction, append_dims, sigma_vector, as_prediction
 from .schedules import check_grid
 
 __all__ = [
@@ -224,8 +224,8 @@ class EpsScaled:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor | Prediction:
         out = self.inner(x, sigma, **cond)
         pred = as_prediction(out)
-        lam = self.schedule.lam(_sigma_vector(sigma, x))
-        shrink = _bc(1 - 1 / lam, x).to(pred.x0.dtype)
+        lam = self.schedule.lam(sigma_vector(sigma, x))
+        shrink = append_dims(1 - 1 / lam, x).to(pred.x0.dtype)
         x0 = pred.x0 + shrink * (x.to(pred.x0.dtype) - pred.x0)
         return pred.replace_x0(x0) if isinstance(out, Prediction) else x0
 

@@ -30,6 +30,8 @@ __all__ = [
     "alpha_bar_to_sigma",
     "flow_t_to_sigma",
     "sigma_to_flow_t",
+    "vp_grid",
+    "GRID_KINDS",
 ]
 
 BetaKind = Literal["linear", "cosine"]
@@ -247,3 +249,28 @@ def sigmas_karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     frac = i / (n - 1) if n > 1 else i
     s = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([s, s.new_zeros(1)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids for a discrete VP model
+# ---------------------------------------------------------------------------------------------
+
+GRID_KINDS = ("respaced", "ddim", "karras")
+
+
+def vp_grid(schedule: VPSchedule, steps: int, kind: str = "respaced", karras_sigma_max: float = 80.0) -> torch.Tensor:
+    """The σ-grid a sampler runs on for a discrete VP model.
+
+    * ``"respaced"``: guided-diffusion's respacing of the whole chain (``schedule.grid("20")``);
+    * ``"ddim"``: guided-diffusion's integer stride ``"ddimN"`` (it stops below the top timestep);
+    * ``"karras"``: EDM's grid (ρ = 7) over [max(0.002, σ_min), min(karras_sigma_max, σ_max)] of
+      the schedule; the network is then called at the nearest timestep.
+    """
+    if kind == "respaced":
+        return schedule.grid(str(steps))
+    if kind == "ddim":
+        return schedule.grid(f"ddim{steps}")
+    if kind == "karras":
+        top = min(karras_sigma_max, schedule.sigma_max)
+        return sigmas_karras(steps, sigma_min=max(0.002, schedule.sigma_min), sigma_max=top)
+    raise ValueError(f"unknown grid {kind!r}: expected {', '.join(GRID_KINDS)}")

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_ROOT", "CLASSES", "data_root", "read_idx", "load_fashion_mnist", "to_model_space", "from_model_space"]
+__all__ = ["DEFAULT_ROOT", "CLASSES", "data_root", "read_idx", "load_fashion_mnist", "to_model_space"]
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -22,7 +22,7 @@ _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-_HOWTO = "install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist) or pass the directory holding the IDX .gz files"
+_HOWTO = "install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist), or point $EPSSCALE_FASHION_MNIST (train: --data) at a folder holding the IDX .gz files"
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -80,16 +80,3 @@ def to_model_space(images: np.ndarray | torch.Tensor, size: int = 32) -> torch.T
     if pad < 0 or pad % 2:
         raise ValueError(f"cannot pad {x.shape[-1]} px images to {size} px")
     return torch.nn.functional.pad(x, (pad // 2,) * 4, value=-1.0) if pad else x
-
-
-def from_model_space(x: torch.Tensor, size: int = 28) -> np.ndarray:
-    """float [N, C, H, W] in [-1, 1] -> uint8 NHWC, center-cropped to ``size``.
-
-    Quantised as guided-diffusion's ``image_sample.py`` does: ``((x + 1) * 127.5).clamp(0, 255)``
-    then truncation to uint8.
-    """
-    crop = (x.shape[-1] - size) // 2
-    if crop > 0:
-        x = x[..., crop:crop + size, crop:crop + size]
-    u8 = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    return u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()

@@ -1,4 +1,11 @@
-"""Image sets on disk as uint8 NHWC arrays.
+"""Images as uint8 NHWC arrays: the quantisers that make them, and the files that hold them.
+
+Quantisers turn a sampler's output (float, NCHW, data in [-1, 1]) into uint8 NHWC, one per
+reference convention:
+
+- :func:`quantize_adm`: guided-diffusion's ``image_sample.py``, ``((x + 1) * 127.5).clamp(0, 255)``
+  truncated to uint8 (with an optional centre crop, for models trained on padded images);
+- :func:`quantize_edm`: NVlabs EDM's ``generate.py``, ``(x * 127.5 + 128).clip(0, 255)`` truncated.
 
 Three formats are read, matching what the reference code bases write:
 
@@ -17,10 +24,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .._atomic import atomic_write
 
 __all__ = [
+    "quantize_adm",
+    "quantize_edm",
     "IMAGE_EXTENSIONS",
     "load_images",
     "load_npz",
@@ -31,6 +41,29 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 PathLike = str | os.PathLike
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantisers.
+
+
+def quantize_adm(x: torch.Tensor, crop: int | None = None) -> np.ndarray:
+    """guided-diffusion's quantisation: ``((x + 1) * 127.5).clamp(0, 255)`` -> uint8 NHWC.
+
+    ``crop``: keep the centred ``crop`` x ``crop`` pixels (a 28 px Fashion-MNIST image padded to
+    32 for the network comes back as 28 x 28); None keeps the whole image.
+    """
+    if crop is not None:
+        off = (x.shape[-1] - crop) // 2
+        if off > 0:
+            x = x[..., off : off + crop, off : off + crop]
+    u8 = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def quantize_edm(x: torch.Tensor) -> np.ndarray:
+    """EDM's ``generate.py`` quantisation: ``(x * 127.5 + 128).clip(0, 255)`` -> uint8 NHWC."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GaussianMixture", "ImperfectDenoiser", "default_mixture"]
+__all__ = ["GaussianMixture", "ImperfectDenoiser", "default_mixture", "build_plan"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,21 @@ class ImperfectDenoiser:
         inp = torch.cat([x.to(torch.float64) / (1 + s), s.log1p()], 1)  # [N, d+1]
         err = torch.cos(inp @ self.W.T + self.b) @ self.A.T  # [N, d], ~unit variance
         return (exact + self.gamma * (s / (1 + s)) * err).to(x.dtype)
+
+
+def build_plan(*, sampler: str = "ddpm", steps: int = 20, disc: str = "respaced", sampler_opts: dict | None = None, lam: Any = 1.0) -> Any:
+    """The sampling plan of the 2-D toy: the imperfect denoiser of :func:`default_mixture`.
+
+    The grid is the cosine VP schedule respaced to ``steps`` (``disc="respaced"``) or EDM's Karras
+    grid from sigma 80 (``"karras"``). x_T is drawn in float64 and the points are kept as float64.
+    """
+    from ..plan import SamplingPlan
+    from ..schedules import VPSchedule, sigmas_karras
+
+    if disc not in ("respaced", "karras"):
+        raise ValueError("--model toy runs on --disc respaced or karras (from sigma 80); it takes no --disc ddim or --sigma-max")
+    sigmas = VPSchedule("cosine").grid(str(steps)) if disc == "respaced" else sigmas_karras(steps, sigma_min=0.002, sigma_max=80.0)
+    return SamplingPlan(
+        denoiser=ImperfectDenoiser(default_mixture()), sigmas=sigmas, sampler=sampler, shape=(2,), quantize=lambda x: x.double().cpu().numpy(),
+        lam=lam, sampler_opts=sampler_opts or {}, prior="vp", prior_dtype=torch.float64, name="toy", fingerprint="toy", meta={"source": "toy"},
+    )

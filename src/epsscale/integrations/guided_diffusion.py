@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..adapters import VPDenoiser
+from ..data.images import quantize_adm as to_uint8  # image_sample.py's quantisation
 from ..schedules import VPSchedule
 
-__all__ = ["parse_flags", "DIFFUSION_DEFAULTS", "RunSettings", "run_settings", "load_checkpoint", "to_uint8"]
+__all__ = ["parse_flags", "DIFFUSION_DEFAULTS", "RunSettings", "run_settings", "load_checkpoint", "build_plan"]
 
 # guided-diffusion's diffusion/sampling defaults (script_util.diffusion_defaults + image_sample.py).
 DIFFUSION_DEFAULTS: dict[str, Any] = {
@@ -186,8 +186,126 @@ def load_checkpoint(path: str | os.PathLike, flags: dict[str, Any]) -> tuple[tor
     return net, den, settings
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """``image_sample.py``'s quantisation: ((x + 1) * 127.5).clamp(0, 255) -> uint8 NHWC."""
-    from ..data.fashion_mnist import from_model_space
 
-    return from_model_space(x, size=x.shape[-1])  # the same quantisation, without a crop
+
+class _WithoutLabels:
+    """An unconditional denoiser that ignores the class labels meant for a guidance classifier."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, x: Any, sigma: Any, y: Any = None, **cond: Any) -> Any:
+        return self.inner(x, sigma, **cond)
+
+
+def _preset_flags(preset: str, preset_es: str, steps: int | None, flags: dict[str, Any]) -> tuple[dict, dict[str, Any]]:
+    """The paper's preset for the chain the flags ask for, and the flags it completes."""
+    from ..presets import get_preset
+
+    respacing = str(flags.get("timestep_respacing", ""))
+    if respacing:
+        # The preset's lambda is the one for the chain the flags ask for.
+        n = respacing[4:] if respacing.startswith("ddim") else respacing
+        if not n.isdigit():
+            raise ValueError(f"--preset needs a plain step count in --timestep_respacing (100, 50 or 20), got {respacing!r}")
+        if steps is not None and steps != int(n):
+            raise ValueError(f"--steps {steps} and --timestep_respacing {respacing} disagree")
+        steps = int(n)
+    if _as_bool("use_ddim", flags.get("use_ddim", False)):
+        raise ValueError("the paper's ADM presets are for the ancestral sampler; drop --use_ddim True or --preset")
+    p = get_preset(preset, steps=steps if steps is not None else 20, es=preset_es)  # type: ignore[arg-type]
+    if p["framework"] != "adm":
+        raise ValueError(f"preset {preset} is an EDM preset; use it with --edm PKL")
+    return p, {**{k: str(v) for k, v in {**p["model_flags"], **p["diffusion_flags"]}.items()}, "class_cond": str(p["conditional"]), **flags}
+
+
+def _classifier(path: str, flags: dict[str, Any], schedule: VPSchedule, scale: float, device: Any) -> Any:
+    """ADM-G's classifier gradient (times ``scale``) from a classifier checkpoint."""
+    from ..models.adm import load_adm_state_dict
+    from ..models.adm_classifier import classifier_guidance, create_adm_classifier
+
+    clf = create_adm_classifier(flags)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read classifier checkpoint ({str(e).splitlines()[0][:200]})") from None
+    load_adm_state_dict(clf, state)
+    return classifier_guidance(clf.to(device).eval(), schedule, scale)
+
+
+def build_plan(
+    path: str | os.PathLike,
+    flags_text: str = "",
+    *,
+    preset: str | None = None,
+    preset_es: str = "uniform",
+    steps: int | None = None,
+    classifier: str | None = None,
+    classifier_scale: float | None = None,
+    eps_scale: float | None = None,
+    eps_schedule: str | os.PathLike | None = None,
+    sampler_overrides: tuple[str, ...] | list[str] = (),
+    device: torch.device | str = "cpu",
+) -> Any:
+    """The sampling plan of a guided-diffusion checkpoint, run as ``image_sample.py`` /
+    ``classifier_sample.py`` would run it with ``flags_text``.
+
+    The flags decide the sampler (``use_ddim``), the chain (``timestep_respacing``), clipping
+    and the variance (see :func:`run_settings`). A ``preset`` (the paper's ADM settings at
+    ``steps`` T') fills in the flags and λ; ``preset_es="linear"`` takes its 20-step linear
+    schedule. A classifier (``classifier``, or ``--classifier_path`` inside the flags) adds
+    ADM-G guidance to the ancestral sampler; ES never scales its gradient. λ follows
+    :func:`epsscale.plan.choose_lam`; ADM-ES's ``--eps_scaler`` in the flags counts as the
+    user's own. ``sampler_overrides`` names sampler options given elsewhere (command-line
+    options): they are refused, since the flags decide. ``meta`` carries ``num_samples`` and
+    ``batch_size`` of the flags.
+    """
+    from ..plan import SamplingPlan, choose_lam, fingerprint_file
+
+    flags = parse_flags(flags_text or "")
+    own = None
+    if "eps_scaler" in flags:
+        own = _as_float("eps_scaler", flags["eps_scaler"])
+        if not own > 0:
+            raise ValueError(f"flag --eps_scaler must be finite and > 0 (it divides eps), got {flags['eps_scaler']!r}")
+    choose_lam(eps_scale=eps_scale, eps_schedule=eps_schedule, checkpoint=own)  # lambda given twice: refused first
+    if sampler_overrides:
+        raise ValueError(f"{', '.join(sampler_overrides)} cannot apply to --guided-diffusion: its sampler, grid and clipping come from --flags (--timestep_respacing, --use_ddim, --clip_denoised)")
+    if flags.get("model_path") and Path(flags["model_path"]).resolve() != Path(path).resolve():
+        raise ValueError(f"--model_path {flags['model_path']} in --flags is not --guided-diffusion {path}")
+    p = None
+    if preset:
+        p, flags = _preset_flags(preset, preset_es, steps, flags)
+    net, den, st = load_checkpoint(path, flags)
+    net.to(device)
+    lam, _ = choose_lam(eps_scale=eps_scale, eps_schedule=eps_schedule, checkpoint=own, preset=p["lam"] if p else None)
+    opts: dict[str, Any] = {"clip": st.clip}
+    if st.sampler == "ddpm":
+        opts["variance"] = st.variance
+
+    # classifier_sample.py's --classifier_path / --classifier_scale may come inside the flags too.
+    clf_path = classifier or st.classifier_path or None
+    if classifier and st.classifier_path and Path(classifier).resolve() != Path(st.classifier_path).resolve():
+        raise ValueError(f"--classifier {classifier} and --classifier_path {st.classifier_path} in --flags disagree")
+    if classifier_scale is not None and st.classifier_scale is not None and classifier_scale != st.classifier_scale:
+        raise ValueError(f"--classifier-scale {classifier_scale:g} and --classifier_scale {st.classifier_scale:g} in --flags disagree")
+    if st.classifier_scale is not None and not clf_path:
+        raise ValueError("--classifier_scale in --flags needs a classifier: --classifier_path in --flags, or --classifier CKPT")
+    guided = p["guidance"] if p else None
+    if clf_path or guided:
+        if st.sampler != "ddpm":
+            raise ValueError("classifier guidance is implemented for the ancestral sampler (use_ddim False): ADM-ES divides the model's eps twice on its DDIM + guidance path, so epsscale does not reproduce that path")
+        if not clf_path:
+            raise ValueError(f"preset {preset} uses classifier guidance: pass --classifier CKPT.pt ({guided['classifier_checkpoint']})")
+        if not st.class_cond:
+            den = _WithoutLabels(den)  # classifier_sample.py with an unconditional model: the labels steer the classifier only
+        scale = next((v for v in (classifier_scale, st.classifier_scale) if v is not None), guided["scale"] if guided else 1.0)
+        opts["classifier_grad"] = _classifier(clf_path, {**(guided["classifier_flags"] if guided else {}), **flags}, st.schedule, scale, device)
+    image_size = int(flags.get("image_size", 64))
+    in_ch = int(flags.get("in_channels", 3))
+    return SamplingPlan(
+        denoiser=den, sigmas=st.schedule.grid(st.respacing), sampler=st.sampler, shape=(in_ch, image_size, image_size), quantize=to_uint8,
+        lam=lam, sampler_opts=opts, prior="vp", num_classes=1000 if st.class_cond or "classifier_grad" in opts else None,
+        fingerprint=fingerprint_file(path), name=os.fspath(path), device=device, schedule=st.schedule,
+        meta={"source": "guided-diffusion", "flags": flags_text, "preset": preset, "num_samples": st.num_samples, "batch_size": st.batch_size, "respacing": st.respacing},
+    )

@@ -15,7 +15,6 @@ An extractor maps a batch of uint8 NHWC images to float features ``[N, dim]``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..hashing import digest_bytes, digest_file, digest_state
 from .fid import FeatureStats
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "images_to_tensor",
     "feature_stats",
     "reference_stats",
-    "file_sha256",
+    "TorchScriptFeatures",
 ]
 
 log = logging.getLogger(__name__)
@@ -163,15 +163,6 @@ class ClassifierFeatures:
         return self.model.features(x).float()
 
 
-def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
-    """First ``length`` hex digits of the file's SHA-256."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
-
-
 def _weights_id(extractor: Any) -> str | None:
     """What identifies an extractor's weights in a cache key: its ``weights_id`` (a file hash),
     else, for placeholder ids of networks built in memory, a hash of the network's state."""
@@ -219,7 +210,7 @@ def load_fmnist_extractor(
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path}: cannot load Fashion-MNIST classifier weights ({first})") from None
-    return ClassifierFeatures(model.to(device), name="fmnist", weights_id=file_sha256(path))
+    return ClassifierFeatures(model.to(device), name="fmnist", weights_id=digest_file(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,20 +219,70 @@ def load_fmnist_extractor(
 ExtractorName = Literal["fmnist", "inception"]
 
 
+class TorchScriptFeatures:
+    """A user's own feature extractor: a TorchScript module mapping uint8 NCHW to float [N, dim].
+
+    Saved with ``torch.jit.save(torch.jit.script(module), path)`` (or ``trace``). Its weights are
+    identified by the file's hash, so cached reference statistics follow the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> None:
+        p = Path(path)
+        try:
+            self.module = torch.jit.load(str(p), map_location=device).eval()
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"--extractor {p}: not a TorchScript module ({first[:160]}); save one with torch.jit.save(torch.jit.script(net), path)") from None
+        self.name = f"torchscript-{p.stem}"
+        self.weights_id = digest_file(p)
+        self.device = torch.device(device)
+        self.dim = -1  # known after the first call (see probe)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.module(x.to(self.device))
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"--extractor {self.name}: expected features [N, dim] for {x.shape[0]} images, got {getattr(out, 'shape', type(out).__name__)}")
+        if not out.is_floating_point():
+            raise ValueError(f"--extractor {self.name}: features must be floating point, got {out.dtype}")
+        return out.float()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images_to_tensor(images).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+        feats = self._run(x)
+        if self.dim < 0:
+            self.dim = feats.shape[1]
+        elif feats.shape[1] != self.dim:
+            raise ValueError(f"--extractor {self.name}: feature dimension changed from {self.dim} to {feats.shape[1]}")
+        return feats
+
+    def probe(self, image_shape: tuple[int, int, int]) -> int:
+        """The feature dimension, from one blank image of ``image_shape`` (H, W, C)."""
+        self(torch.zeros((1, *image_shape), dtype=torch.uint8))
+        return self.dim
+
+
 def get_extractor(
     name: ExtractorName | str = "fmnist",
     path: str | os.PathLike | None = None,
     *,
     device: torch.device | str = "cpu",
+    image_shape: tuple[int, int, int] | None = None,
 ) -> FeatureExtractor:
-    """Build the extractor ``"fmnist"`` or ``"inception"``, with weights from ``path`` if given."""
+    """Build the extractor ``"fmnist"`` or ``"inception"`` (weights from ``path`` if given), or
+    load a TorchScript extractor when ``name`` is the path of one (``image_shape`` (H, W, C), when
+    given, probes its feature dimension at once)."""
     if name == "fmnist":
         return load_fmnist_extractor(path, device=device)
     if name == "inception":
         from .inception import load_inception_extractor
 
         return load_inception_extractor(path, device=device)
-    raise ValueError(f"unknown feature extractor {name!r}; expected 'fmnist' or 'inception'")
+    if Path(str(name)).is_file():
+        ext = TorchScriptFeatures(name, device=device)
+        ext.probe(image_shape or (28, 28, 1))
+        return ext
+    raise ValueError(f"unknown feature extractor {name!r}: expected fmnist, inception, or the path of a TorchScript module")
 
 
 def default_extractor_name(image_shape: tuple[int, ...]) -> ExtractorName:
@@ -326,6 +367,11 @@ def _dataset_key(dataset: str) -> str:
     return f"{p.stem}-{_files_digest(p)}"
 
 
+def _chain(*parts: Iterable[bytes]) -> Iterable[bytes]:
+    for part in parts:
+        yield from part
+
+
 def _files_digest(p: Path) -> str:
     """A digest of a file's or folder's path, and the size and time of every file under it.
 
@@ -333,11 +379,9 @@ def _files_digest(p: Path) -> str:
     replaced, so a folder is keyed by every file under it.
     """
     p = p.resolve()
-    h = hashlib.sha256(str(p).encode())
-    for f in sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]:
-        st = f.stat()
-        h.update(f"|{f.relative_to(p) if f != p else ''}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    entries = (f"|{f.relative_to(p) if f != p else ''}|{f.stat().st_size}|{f.stat().st_mtime_ns}".encode() for f in files)
+    return digest_bytes(_chain([str(p).encode()], entries), 12)
 
 
 def reference_stats(

@@ -284,9 +284,9 @@ class InceptionV3Features(nn.Module):
                 f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
             )
         self.load_state_dict(state, strict=False)
-        from .features import file_sha256
+        from ..hashing import digest_file
 
-        self.weights_id = file_sha256(path)
+        self.weights_id = digest_file(path)
         return self
 
 

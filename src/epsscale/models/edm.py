@@ -92,3 +92,82 @@ def load_edm_pickle(
     if device is not None and hasattr(net, "to"):  # a duck-typed net without .to stays as it is
         net = net.to(device)
     return net
+
+
+# What EDM's sampler options are called on the command line (refusals name them).
+CHURN_OPTIONS = {"s_churn": "--s-churn", "s_tmin": "--s-tmin", "s_tmax": "--s-tmax", "s_noise": "--s-noise"}
+
+
+def build_plan(
+    path: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    sampler: str | None = None,
+    steps: int = 18,
+    disc: str | None = None,
+    sigma_max: float | None = None,
+    churn: dict[str, float] | None = None,
+    preset: str | None = None,
+    aug_dim: int | None = None,
+    labels: list[int] | None = None,
+    eps_scale: float | None = None,
+    eps_schedule: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+) -> Any:
+    """The sampling plan of an NVlabs EDM (or PFGM++) network pickle, as EDM's ``generate.py`` runs it.
+
+    EDM nets run on EDM's Karras grid (σ from 0.002 to 80, ρ = 7, rounded by the net;
+    ``sigma_max`` moves its top, within the net's range) with ``euler``, ``heun`` or
+    ``dpmpp_2m``. ``churn`` holds the EDM sampler options the user set (``s_churn``, ``s_tmin``,
+    ``s_tmax``, ``s_noise``). A ``preset`` (:mod:`epsscale.presets`) sets the sampler, steps,
+    grid, options and λ; options beside it are refused. ``aug_dim`` D starts a PFGM++ network
+    from its prior (radius r = σ√D). λ follows :func:`epsscale.plan.choose_lam`. Samples are
+    quantised as EDM's ``generate.py`` does.
+    """
+    from ..adapters import EDMDenoiser
+    from ..data.images import quantize_edm
+    from ..plan import SamplingPlan, choose_lam, fingerprint_file
+    from ..schedules import sigmas_karras
+
+    churn = dict(churn or {})
+    if disc not in (None, "karras"):
+        raise ValueError(f"EDM nets run on EDM's Karras grid (--sigma-max sets its top); --disc {disc} is for discrete VP models")
+    net = load_edm_pickle(path, allow_pickle=allow_pickle, device=device if torch.device(device).type != "cpu" else None)
+    opts: dict[str, Any] = dict(churn)
+    sigma_min, top, rho = 0.002, 80.0, 7.0
+    preset_lam = None
+    if preset:
+        from ..presets import get_preset
+
+        if sampler not in (None, "heun", "euler"):
+            raise ValueError(f"EDM presets are for heun or euler, not --sampler {sampler}")
+        p = get_preset(preset, steps=steps, sampler=sampler)
+        if p["framework"] != "edm":
+            raise ValueError(f"preset {preset} is an ADM preset; use it with --guided-diffusion CKPT")
+        if aug_dim is not None:
+            raise ValueError(f"--preset {preset} holds EDM's lambdas, not PFGM++'s; give --eps-scale with --aug-dim")
+        if churn:
+            raise ValueError(f"{', '.join(CHURN_OPTIONS[k] for k in churn)} cannot apply with --preset {preset}: the preset sets EDM's sampler options")
+        sampler, steps, opts = p["sampler"], p["steps"], dict(p["sampler_kwargs"])
+        sigma_min, top, rho = p["grid"]["sigma_min"], p["grid"]["sigma_max"], p["grid"]["rho"]
+        preset_lam = p["lam"]
+    if sampler is None or sampler in ("ddpm", "ddim"):
+        raise ValueError("EDM nets are sampled with euler, heun or dpmpp_2m (give --sampler, or --preset)")
+    if sampler == "dpmpp_2m" and churn:
+        raise ValueError(f"{', '.join(CHURN_OPTIONS[k] for k in churn)} cannot apply to dpmpp_2m (EDM's churn is for euler and heun)")
+    lam, _ = choose_lam(eps_scale=eps_scale, eps_schedule=eps_schedule, preset=preset_lam)
+    if sigma_max is not None:
+        top = sigma_max
+    sigma_min, top = max(sigma_min, float(net.sigma_min)), min(top, float(net.sigma_max))
+    sigmas = sigmas_karras(steps, sigma_min, top, rho)
+    rounded = torch.as_tensor(net.round_sigma(sigmas[:-1]), dtype=torch.float64)  # EDM rounds its grid
+    sigmas = torch.cat([rounded, rounded.new_zeros(1)])
+    if labels is not None and not net.label_dim:
+        raise ValueError(f"--labels: {os.fspath(path)} is an unconditional network")
+    shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    return SamplingPlan(
+        denoiser=EDMDenoiser(net), sigmas=sigmas, sampler=sampler, shape=shape, quantize=quantize_edm, lam=lam, sampler_opts=opts,
+        prior="ve" if aug_dim is None else "pfgmpp", aug_dim=aug_dim, num_classes=int(net.label_dim) or None,
+        labels=tuple(labels) if labels is not None and net.label_dim else None, fingerprint=fingerprint_file(path), name=os.fspath(path),
+        device=device, meta={"source": "edm", "preset": preset},
+    )

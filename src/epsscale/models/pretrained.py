@@ -12,19 +12,31 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..adapters import VPDenoiser
-from ..schedules import VPSchedule
+from ..schedules import VPSchedule, vp_grid
 
-__all__ = ["LoadedModel", "load_model", "ASSETS", "SHIPPED"]
+if TYPE_CHECKING:
+    from ..plan import SamplingPlan
+
+__all__ = ["LoadedModel", "load_model", "build_plan", "default_disc", "shipped_plan", "shipped_discretisation", "shipped_sampler_options", "shipped_lambdas", "DEMO_SETTINGS", "ES_FILE", "ASSETS", "SHIPPED"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {"fmnist": ASSETS / "fmnist_adm"}
 MODEL_FORMAT = "epsscale.model/1"
+# The shipped model's tuned Epsilon Scaling, per sampler (with how it was chosen).
+ES_FILE = ASSETS / "fmnist_adm_es.json"
+
+# How the demo and the benchmarks run the shipped model: (label, sampler, discretisation, steps,
+# sigma_max of a karras grid). DDIM takes guided-diffusion's "ddimN" integer stride (t <= 950)
+# and Euler a Karras grid topped at sigma 13 (about t = 950): the cosine schedule's last
+# timesteps reach sigma ~ 2e4, where this small eps-prediction model's x0 is too inaccurate for
+# a deterministic sampler (see README, "The Fashion-MNIST model").
+DEMO_SETTINGS = (("DDPM", "ddpm", "respaced", 20, None), ("DDIM", "ddim", "ddim", 20, None), ("Euler", "euler", "karras", 20, 13.0))
 
 
 @dataclass
@@ -44,6 +56,16 @@ class LoadedModel:
     @property
     def num_classes(self) -> int | None:
         return 1000 if self.config["flags"].get("class_cond") else None
+
+    @property
+    def karras_sigma_max(self) -> float:
+        """Where a Karras grid starts by default: the config's ``sampling.karras_sigma_max``, else EDM's 80."""
+        return float(self.config.get("sampling", {}).get("karras_sigma_max", 80.0))
+
+    @property
+    def crop(self) -> int:
+        """The image size that is saved: the config's ``crop`` (a padded training set), else the full size."""
+        return int(self.config.get("crop") or self.shape[-1])
 
 
 def _resolve(name_or_path: str | os.PathLike) -> Path:
@@ -109,6 +131,70 @@ def load_model(name_or_path: str | os.PathLike = "fmnist", *, device: str | torc
     return LoadedModel(str(name_or_path), weights, net, den, schedule, cfg)
 
 
-def describe(model: LoadedModel) -> dict[str, Any]:
-    n = sum(p.numel() for p in model.net.parameters())
-    return {"name": model.name, "parameters": n, "schedule": model.config["schedule"], "shape": model.shape}
+def shipped_discretisation(sampler: str) -> tuple[str, float | None]:
+    """(grid kind, Karras sigma_max) for ``sampler`` on the shipped model, as the demo and the
+    benchmarks run it: DEMO_SETTINGS' choice, and a Karras grid from sigma 13 for the other
+    sigma-space samplers (heun, dpmpp_2m)."""
+    for _, s, kind, _, sigma_max in DEMO_SETTINGS:
+        if s == sampler:
+            return kind, sigma_max
+    return "karras", 13.0
+
+
+def shipped_sampler_options(sampler: str) -> dict:
+    """ADM's x0 clipping to [-1, 1] for the VP samplers (ddpm, ddim); nothing for the others."""
+    return {"clip": 1.0} if sampler in ("ddpm", "ddim") else {}
+
+
+def shipped_lambdas() -> dict[str, float]:
+    """The uniform ES lambda per sampler chosen for the shipped model (see the file's provenance)."""
+    if not ES_FILE.exists():
+        raise FileNotFoundError(f"{ES_FILE} is missing: the demo needs the shipped ES settings")
+    d = json.loads(ES_FILE.read_text())
+    return {k: float(v["b"]) for k, v in d["samplers"].items()}
+
+
+def shipped_plan(sampler: str, steps: int, lam: Any = 1.0, *, model: "str | os.PathLike | LoadedModel" = "fmnist", device: str | torch.device = "cpu") -> "SamplingPlan":
+    """The shipped model's plan for ``sampler`` as the demo and the benchmarks run it."""
+    disc, sigma_max = shipped_discretisation(sampler)
+    return build_plan(model, sampler=sampler, steps=steps, disc=disc, sigma_max=sigma_max, sampler_opts=shipped_sampler_options(sampler), lam=lam, device=device)
+
+
+def default_disc(model: LoadedModel, sampler: str) -> str:
+    """The grid a sampler runs on for this model unless told: the config's ``sampling.disc``
+    entry for the sampler (where the model was measured to want it), else ``"respaced"``."""
+    table = model.config.get("sampling", {}).get("disc", {})
+    return str(table.get(sampler, "respaced")) if isinstance(table, dict) else "respaced"
+
+
+def build_plan(
+    model: str | os.PathLike | LoadedModel = "fmnist",
+    *,
+    sampler: str = "ddpm",
+    steps: int = 20,
+    disc: str = "respaced",
+    sigma_max: float | None = None,
+    sampler_opts: dict | None = None,
+    lam: Any = 1.0,
+    device: str | torch.device = "cpu",
+) -> "SamplingPlan":
+    """The sampling plan of an epsscale model (shipped name, directory or prefix, or a loaded model).
+
+    ``disc`` and ``sigma_max`` choose the grid (:func:`epsscale.schedules.vp_grid`; a Karras grid
+    starts at ``sigma_max``, else at the model's ``sampling.karras_sigma_max``). Samples are
+    quantised as guided-diffusion does, centre-cropped to the model's ``crop``.
+    """
+    from functools import partial
+
+    from ..data.fashion_mnist import to_model_space
+    from ..data.images import quantize_adm
+    from ..plan import SamplingPlan, fingerprint_file
+
+    m = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    sigmas = vp_grid(m.schedule, steps, disc, m.karras_sigma_max if sigma_max is None else sigma_max)
+    return SamplingPlan(
+        denoiser=m.denoiser, sigmas=sigmas, sampler=sampler, shape=m.shape, quantize=partial(quantize_adm, crop=m.crop),
+        lam=lam, sampler_opts=sampler_opts or {}, prior="vp", num_classes=m.num_classes, fingerprint=fingerprint_file(m.path),
+        name=m.name, device=device, schedule=m.schedule, data_space=partial(to_model_space, size=m.shape[-1]),
+        meta={"source": "epsscale", "disc": disc, "data": m.config.get("data")},
+    )

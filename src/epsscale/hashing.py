@@ -1,0 +1,52 @@
+"""Short SHA-256 digests: the one place epsscale hashes things.
+
+Digests identify weights, seed lists, sampling jobs and cached statistics in manifests and cache
+keys. All are the first ``length`` hex digits (16 by default) of a SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+__all__ = ["digest_bytes", "digest_file", "digest_json", "digest_ints", "digest_tensor", "digest_state"]
+
+
+def digest_bytes(data: bytes | Iterable[bytes], length: int = 16) -> str:
+    """SHA-256 of ``data`` (bytes, or an iterable of byte chunks hashed in order)."""
+    h = hashlib.sha256()
+    for chunk in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+        h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def digest_file(path: str | os.PathLike, length: int = 16) -> str:
+    """SHA-256 of a file's contents, read in 1 MiB chunks."""
+    with open(path, "rb") as f:
+        return digest_bytes(iter(lambda: f.read(1 << 20), b""), length)
+
+
+def digest_json(obj: Any, length: int = 16) -> str:
+    """SHA-256 of ``obj`` as canonical JSON (sorted keys; ``str`` for what JSON cannot hold)."""
+    return digest_bytes(json.dumps(obj, sort_keys=True, default=str).encode(), length)
+
+
+def digest_ints(values: Iterable[int], length: int = 16) -> str:
+    """SHA-256 of integers as little-endian int64 (seed lists, labels)."""
+    return digest_bytes(np.asarray(list(values), dtype=np.int64).tobytes(), length)
+
+
+def digest_tensor(t: torch.Tensor, length: int = 16) -> str:
+    """SHA-256 of a tensor's bytes (its dtype and shape are not included)."""
+    t = t.detach().cpu().contiguous()
+    return digest_bytes(t.reshape(-1).view(torch.uint8).numpy().tobytes(), length)
+
+
+def digest_state(module: torch.nn.Module, length: int = 16) -> str:
+    """SHA-256 of a module's state dict: names and values, in name order."""
+    return digest_bytes((piece for k, v in sorted(module.state_dict().items()) for piece in (k.encode(), v.detach().cpu().contiguous().numpy().tobytes())), length)
