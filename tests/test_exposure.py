@@ -24,6 +24,7 @@ from epsscale.exposure import (
     plot_fid_vs_b,
     write_calibrated_schedule,
 )
+from epsscale.plots import save_figure
 from epsscale.samplers import SAMPLERS, nfe
 from epsscale.scaling import Linear, PerSigma, Uniform
 
@@ -436,6 +437,46 @@ def test_norm_matching_on_an_imperfect_model_meets_the_training_curve(tmp_path):
         write_calibrated_schedule(path, sched, {"model": "toy"})
 
 
+class FakeLockstep:
+    """Stands in for the sampling passes: an objective h(b), or conditions F(b, k), and a pass count."""
+
+    def __init__(self, h=None, F=None, steps=10):
+        self.h, self.F, self.count = h, F, 1  # the baseline pass
+        self.idx = torch.arange(steps - 1, -1, -1, dtype=torch.float64)
+
+    def offset(self, k, b):
+        self.count += 1
+        return ("pass", b), self.h(b)
+
+    def linear_conditions(self, k, b):
+        self.count += 1
+        return self.F(b, k), ("pass", b, k)
+
+
+def test_norm_matching_solvers_on_synthetic_objectives():
+    from epsscale.exposure.calibrate import _solve_linear, _solve_uniform, _uniform_step
+
+    # Fixed-point step first, capped at 10% a pass until bracketed; bisection once bracketed.
+    assert _uniform_step(1.0, 0.05, None, None, [(1.0, 0.05)]) == pytest.approx(math.exp(0.05))
+    assert _uniform_step(1.0, 0.5, None, None, [(1.0, 0.5)]) == pytest.approx(1.1)
+    assert _uniform_step(1.05, 0.01, 1.0, 0.02, [(1.0, 0.02), (1.05, 0.01), (1.2, -0.1)]) == pytest.approx(1.1)
+    assert _uniform_step(1.05, 0.01, 1.0, 0.0101, [(1.0, 0.0101), (1.05, 0.01), (1.08, -0.1)]) == pytest.approx(1.065)
+
+    h = lambda b: 2.0 * math.log(1.07 / b)  # noqa: E731  (λ feeds back: h falls twice as fast as log b)
+    runner = FakeLockstep(h=h)
+    b, acc, ok = _solve_uniform(runner, ("pass", 1.0), h(1.0), tol=1e-9, max_passes=12)
+    assert ok and b == pytest.approx(1.07, rel=1e-8) and acc == ("pass", b)
+    runner = FakeLockstep(h=h)
+    b, _, ok = _solve_uniform(runner, ("pass", 1.0), h(1.0), tol=1e-12, max_passes=3)
+    assert not ok and runner.count == 3  # the pass budget counts the baseline
+
+    target = torch.tensor([1.02, 0.003], dtype=torch.float64)
+    M = torch.tensor([[-1.0, -4.5], [0.2, -1.0]], dtype=torch.float64)
+    runner = FakeLockstep(F=lambda b, k: M @ (torch.tensor([b, k], dtype=torch.float64) - target))
+    (b, k), _, ok = _solve_linear(runner, 1.0, 0.0, tol=1e-10, max_passes=30)
+    assert ok and (b, k) == (pytest.approx(1.02, abs=1e-9), pytest.approx(0.003, abs=1e-9))
+
+
 def test_influence_weights():
     grid = sigmas_karras(10, 0.002, 80.0)
     w = influence_weights(grid, 0.5)
@@ -587,4 +628,86 @@ def test_fid_search_rejects_bad_input(tmp_path):
         fid_search(Quadratic(), 1.0, 1.02, cache_path=bad)
     res = fid_search(Quadratic(), 1.0, 1.02, method="grid", points=3)
     plot_fid_vs_b(res, tmp_path / "fid.png")
-    assert (tmp_path / "fid.png").stat().st_size > 0
+    rgb = check_png(tmp_path / "fid.png")
+    assert is_colour(rgb, (255, 0, 0)).sum() > 50  # the red star marks the best b
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "fid.png"]  # no temporary left behind
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (epsscale.plots)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_png(path, size=(600, 420)):
+    """A PNG of ``size`` pixels (the report figures: 5 × 3.5 in at 120 dpi) with ink on it; its RGB."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.size == size
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    ink = float((rgb < 200).any(-1).mean())  # pixels clearly darker than white
+    assert 0.005 < ink < 0.5, f"{path}: {ink:.1%} of the pixels are drawn on"
+    return rgb
+
+
+def is_colour(rgb, colour, tol=40):
+    """Pixels within ``tol`` of ``colour`` in every channel."""
+    return (np.abs(rgb - np.array(colour)) <= tol).all(-1)
+
+
+C0, C1 = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours
+
+
+def test_report_figures_are_pngs_of_the_figure_size_with_every_curve(tmp_path):
+    den = ImperfectDenoiser(default_mixture(), gamma=0.5)
+    rep = measure_exposure(den, mixture_data(8), VPSchedule("cosine").grid("5"), "ddpm", lam=1.05)
+    plot_delta(rep.delta_baseline, rep.delta_es, tmp_path / "delta.png")
+    plot_delta(rep.delta_baseline, None, tmp_path / "delta_base.png")
+    plot_eps_norms(rep.eps, tmp_path / "eps.png")
+    plot_fid_vs_b({1.0: 5.0, 1.01: 4.5, 1.02: 4.8}, tmp_path / "fid.png")
+    # Baseline and ES curves each get their colour; without ES there is no second one.
+    delta = check_png(tmp_path / "delta.png")
+    assert is_colour(delta, C0).sum() > 100 and is_colour(delta, C1).sum() > 100
+    assert is_colour(check_png(tmp_path / "delta_base.png"), C1).sum() == 0
+    eps = check_png(tmp_path / "eps.png")
+    assert is_colour(eps, C0).sum() > 100 and is_colour(eps, C1).sum() > 100
+    assert is_colour(check_png(tmp_path / "fid.png"), (255, 0, 0)).sum() > 50
+    # Always PNG, whatever the name says; nothing but the four files in the folder.
+    plot_fid_vs_b([(1.0, 5.0), (1.01, 4.5)], tmp_path / "fid.pdf")
+    check_png(tmp_path / "fid.pdf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.png", "delta_base.png", "eps.png", "fid.pdf", "fid.png"]
+    with pytest.raises(ValueError):
+        plot_fid_vs_b([], tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
+
+
+def test_save_figure_is_atomic_and_sized_by_the_figure(tmp_path):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.0, 1.0), dpi=50)
+    fig.add_subplot(1, 1, 1).plot([0, 1], [0, 1], linewidth=3)
+    with matplotlib.rc_context({"savefig.dpi": 300}):  # the figure's dpi, not matplotlib's setting
+        out = save_figure(fig, tmp_path / "a.png")
+    assert out == tmp_path / "a.png"
+    check_png(out, size=(100, 50))
+    check_png(save_figure(fig, tmp_path / "b.png", dpi=100), size=(200, 100))
+    assert save_figure(fig, tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
+    before = out.read_bytes()
+
+    # Rendering fails: an unknown format, or a savefig that dies half-way through the file.
+    with pytest.raises(ValueError):
+        save_figure(fig, tmp_path / "d.nope")
+
+    def broken(f, **kw):
+        f.write(b"\x89PNG\r\n\x1a\n half an image")
+        raise RuntimeError("disk full")
+
+    fig.savefig = broken
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_figure(fig, tmp_path / "e.png")
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_figure(fig, out)
+    assert out.read_bytes() == before  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.svg"]  # no target, no temporary

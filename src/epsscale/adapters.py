@@ -200,7 +200,3 @@ class FlowDenoiser:
         u = self.net(x_t, (t * self.time_scale).to(self.dtype), **cond).to(x.dtype)
         return x_t.to(x.dtype) - append_dims(t, x).to(x.dtype) * u
 
-
-# Old private names, kept only until epsscale.exposure moves to the public ones.
-_bc = append_dims
-_sigma_vector = sigma_vector

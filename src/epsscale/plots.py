@@ -1,25 +1,142 @@
-"""Every figure epsscale draws, each written atomically (a reader never sees half a PNG).
+"""Figures: the one home for the plots epsscale writes.
 
-Matplotlib is used through its object API (``matplotlib.figure.Figure``), never pyplot's global
-state, so drawing is safe in any thread and needs no display.
+Every figure is a :class:`matplotlib.figure.Figure` built with the object API (no pyplot, no
+global state, safe in threads and servers) and written with :func:`save_figure`, which goes
+through :func:`epsscale._atomic.atomic_write`: a reader never sees a half-written image and a
+failed or interrupted write leaves neither the file nor a temporary behind.
+
+matplotlib is imported only when a figure is made, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from ._atomic import atomic_write
 
-__all__ = ["save_figure", "save_image_grid", "scatter_points", "panel_grid", "plot_calibration"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .exposure import DeltaResult, EpsNormResult, FidSearchResult
+
+__all__ = ["save_figure", "plot_delta", "plot_eps_norms", "plot_fid_vs_b", "plot_calibration", "save_image_grid", "scatter_points", "panel_grid"]
+
+_DPI = 120
 
 
-def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 110) -> None:
-    """Write a matplotlib figure as PNG, atomically."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+def _figure(width: float = 5.0, height: float = 3.5, dpi: float = _DPI) -> Figure:
+    """A new Agg-backed figure of ``width`` × ``height`` inches."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: float | None = None, *, format: str | None = None) -> Path:
+    """Write ``fig`` to ``path`` atomically; returns the path.
+
+    ``format`` defaults to the file's suffix (``.png``, ``.pdf``, ``.svg``, ...; PNG when there
+    is none). ``dpi`` defaults to the figure's own, so a PNG is figsize × dpi pixels whatever
+    matplotlib's ``savefig.dpi`` setting. The image is rendered into a temporary file next to
+    ``path`` and moved over it only once complete; if rendering fails, neither is left.
+    """
+    fmt = format if format is not None else (Path(path).suffix.lstrip(".").lower() or "png")
+    resolution = fig.dpi if dpi is None else dpi
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=resolution))
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    """Lay out and write one of this module's report figures: always PNG, whatever the suffix."""
+    fig.tight_layout()
+    save_figure(fig, path, format="png")
+
+
+def plot_delta(result_base: DeltaResult, result_es: DeltaResult | None, path: str | os.PathLike) -> None:
+    """δ_t against sampling step (1..T'−1), baseline and ES, log scale; writes a PNG."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    steps = list(range(1, len(result_base.delta) + 1))
+    ax.plot(steps, result_base.delta.clamp_min(1e-12).tolist(), "o-", label="baseline", markersize=3)
+    if result_es is not None:
+        lam = result_es.lam
+        label = f"ES (λ {float(lam.min()):.4g}…{float(lam.max()):.4g})" if float(lam.max() - lam.min()) > 0 else f"ES (λ = {float(lam[0]):.4g})"
+        ax.plot(steps, result_es.delta.clamp_min(1e-12).tolist(), "s-", label=label, markersize=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling step (state reached)")
+    ax.set_ylabel(f"δ_t ({result_base.units.upper()} units)")
+    ax.set_title(f"Exposure bias, {result_base.sampler}, T' = {result_base.steps}, N = {result_base.n}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_eps_norms(result: EpsNormResult, path: str | os.PathLike) -> None:
+    """‖ε‖ curves against sampling step: training, sampling, sampling with ES; writes a PNG."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    steps = list(range(len(result.sigma)))
+    ax.plot(steps, result.training.tolist(), "k-", label="training")
+    ax.plot(steps, result.sampling.tolist(), "o-", label="sampling", markersize=3)
+    if result.sampling_es is not None:
+        ax.plot(steps, result.sampling_es.tolist(), "s-", label="sampling, ES (ε/λ)", markersize=3)
+    ax.axhline(result.sqrt_d, color="grey", linestyle=":", label="√d")
+    ax.set_xlabel("sampling step")
+    ax.set_ylabel("‖ε‖ per image")
+    ax.set_title(f"ε-norm, {result.sampler}, T' = {result.steps}, N = {result.n}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_fid_vs_b(points: FidSearchResult | Sequence[tuple[float, float]] | Mapping[float, float], path: str | os.PathLike) -> None:
+    """Score (FID) against uniform b, best point marked; writes a PNG."""
+    from .exposure.search import FidSearchResult  # here: epsscale.exposure imports this module
+
+    if isinstance(points, FidSearchResult):
+        pts = list(points.points)
+    elif isinstance(points, Mapping):
+        pts = [(float(b), float(s)) for b, s in points.items()]
+    else:
+        pts = [(float(b), float(s)) for b, s in points]
+    if not pts:
+        raise ValueError("no points to plot")
+    pts.sort()
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", markersize=4)
+    bb, bs = min(pts, key=lambda p: p[1])
+    ax.plot([bb], [bs], "r*", markersize=12, label=f"best b = {bb:.5g} ({bs:.4g})")
+    ax.set_xlabel("uniform λ = b")
+    ax.set_ylabel("score (FID)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_calibration(info: Any, path: str | os.PathLike) -> None:
+    """Norm matching: training vs sampling ε-norm (λ = 1 and calibrated ES), and the chosen λ per σ."""
+    fig = _figure(9, 3.6, dpi=110)
+    a, b = fig.subplots(1, 2)
+    s = info.sigma.numpy()
+    a.plot(s, info.training.numpy(), label="training")
+    a.plot(s, info.baseline.numpy(), label="sampling, lambda = 1")
+    a.plot(s, (info.sampling_raw / info.lam).numpy(), label="sampling, calibrated ES")
+    a.set_xscale("log")
+    a.set_xlabel("sigma")
+    a.set_ylabel("||eps||")
+    a.legend(fontsize=7)
+    b.plot(s, info.lam.numpy(), marker=".")
+    b.set_xscale("log")
+    b.set_xlabel("sigma")
+    b.set_ylabel("lambda")
+    _save(fig, path)
 
 
 def save_image_grid(images: np.ndarray, path: str | os.PathLike, *, ncol: int | None = None) -> None:
@@ -41,9 +158,7 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, *, ncol: int | 
 
 def scatter_points(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike, reference: np.ndarray | None = None) -> None:
     """2-D point clouds side by side (the toy), optionally over grey reference points."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4 * len(panels), 4))
+    fig = _figure(4 * len(panels), 4, dpi=110)
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, pts) in zip(axes[0], panels):
         if reference is not None:
@@ -53,15 +168,12 @@ def scatter_points(panels: Sequence[tuple[str, np.ndarray]], path: str | os.Path
         ax.set_xlim(-3.2, 3.2)
         ax.set_ylim(-3.2, 3.2)
         ax.set_aspect("equal")
-    fig.tight_layout()
-    save_figure(fig, path)
+    _save(fig, path)
 
 
 def panel_grid(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike) -> None:
     """One titled square grid of grey-scale images per panel, side by side (the demo)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(2.2 * len(panels), 2.6))
+    fig = _figure(2.2 * len(panels), 2.6, dpi=120)
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, ims) in zip(axes[0], panels):
         n = int(math.ceil(math.sqrt(len(ims))))
@@ -73,27 +185,4 @@ def panel_grid(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike
         ax.imshow(canvas, cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-
-
-def plot_calibration(info: Any, path: str | os.PathLike) -> None:
-    """Norm matching: training vs sampling ε-norm (λ = 1 and calibrated ES), and the chosen λ per σ."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.6))
-    a, b = fig.subplots(1, 2)
-    s = info.sigma.numpy()
-    a.plot(s, info.training.numpy(), label="training")
-    a.plot(s, info.baseline.numpy(), label="sampling, lambda = 1")
-    a.plot(s, (info.sampling_raw / info.lam).numpy(), label="sampling, calibrated ES")
-    a.set_xscale("log")
-    a.set_xlabel("sigma")
-    a.set_ylabel("||eps||")
-    a.legend(fontsize=7)
-    b.plot(s, info.lam.numpy(), marker=".")
-    b.set_xscale("log")
-    b.set_xlabel("sigma")
-    b.set_ylabel("lambda")
-    fig.tight_layout()
-    save_figure(fig, path)
+    _save(fig, path)
