@@ -1,4 +1,4 @@
-"""Calibration: norm matching vs an FID grid over uniform b, on the shipped model (DESIGN.md §5).
+"""Calibration: norm matching vs an FID grid over uniform b, on the shipped model (docs/design.md, "Performance targets").
 
 Both methods choose lambda on *tuning* seeds (1,000,000..); each chosen schedule is then scored
 on *held-out* seeds (0..) against the Fashion-MNIST *test* split, with the project's classifier
@@ -45,31 +45,42 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from epsscale.cli_exposure import TUNING_SEED0, _data, fid_evaluator
+    import numpy as np
+
     from epsscale._atomic import atomic_write_text
-    from epsscale.demo import demo_discretisation, demo_sampler_options
-    from epsscale.cli import make_grid
-    from epsscale.exposure import calibrate_norm_matching, fid_search
-    from epsscale.models.pretrained import load_model
+    from epsscale.data.fashion_mnist import load_fashion_mnist
+    from epsscale.exposure import calibrate_norm_matching, fid_objective, fid_search
+    from epsscale.exposure.search import TUNING_SEED0
+    from epsscale.metrics import get_extractor, reference_stats
+    from epsscale.models.pretrained import load_model, shipped_discretisation, shipped_plan, shipped_sampler_options
     from epsscale.samplers import nfe
     from epsscale.scaling import Uniform, load_schedule, save_schedule
 
-    disc, sigma_max = demo_discretisation(args.sampler)
+    disc, sigma_max = shipped_discretisation(args.sampler)
     model = load_model("fmnist")
-    sigmas = make_grid(model, args.sampler, args.steps, disc, sigma_max)
-    opts = demo_sampler_options(args.sampler)
+    plan = shipped_plan(args.sampler, args.steps, model=model)
+    sigmas = plan.sigmas
+    opts = shipped_sampler_options(args.sampler)
+    ext = get_extractor("fmnist")
+
+    def fid_evaluator(num: int, seed0: int, ref: str = "fashion-mnist-train"):
+        return fid_objective(plan, num, seed0, args.batch, ext, reference_stats(ext, ref))
+
+    def _data(num: int, seed: int):
+        images = load_fashion_mnist("train")[0]
+        return plan.data_space(images[np.sort(np.random.default_rng(seed).choice(len(images), num, replace=False))])
     per_image = nfe(args.sampler, args.steps)
     report: dict = {"sampler": args.sampler, "steps": args.steps, "disc": disc, "sigma_max": sigma_max, "grid_num": args.grid_num, "norm_num": args.norm_num, "eval_num": args.eval_num}
 
     # FID grid on tuning seeds.
     t0 = time.time()
-    tune = fid_evaluator(model, args.sampler, sigmas, opts, args.grid_num, TUNING_SEED0, args.batch)
+    tune = fid_evaluator(args.grid_num, TUNING_SEED0)
     res = fid_search(tune, args.lo, args.hi, method="grid", points=args.points, cache_path=args.cache, key={"sampler": args.sampler, "steps": args.steps, "num": args.grid_num} if args.cache else None)
     report["grid"] = {"points": res.points, "best_b": res.best_b, "nfe": len(res.points) * args.grid_num * per_image, "seconds": round(time.time() - t0, 1)}
     print(f"grid: {res.points} -> b = {res.best_b}", flush=True)
 
     # Norm matching on tuning seeds.
-    x0 = _data(model, args.norm_num, 0)
+    x0 = _data(args.norm_num, 0)
     schedules = {"grid best uniform": (Uniform(res.best_b), report["grid"]["nfe"]), "lambda = 1": (Uniform(1.0), 0)}
     report["norm"] = {}
     for kind in [k for k in args.norm_kinds.split(",") if k]:
@@ -94,7 +105,7 @@ def main() -> None:
     if args.parabola_num:
         t0 = time.time()
         pcache = args.parabola_cache or (str(Path(args.out).with_suffix(".parabola.json")) if args.out else None)
-        tune_small = fid_evaluator(model, args.sampler, sigmas, opts, args.parabola_num, TUNING_SEED0, args.batch)
+        tune_small = fid_evaluator(args.parabola_num, TUNING_SEED0)
         pres = fid_search(tune_small, 0.9, 1.1, method="parabola", start=1.0, step=args.parabola_step, cache_path=pcache, key={"sampler": args.sampler, "steps": args.steps, "num": args.parabola_num})
         cost = len(pres.points) * args.parabola_num * per_image
         b = round(pres.best_b, 4)
@@ -108,7 +119,7 @@ def main() -> None:
         return
 
     # Score everything on held-out seeds against the test split.
-    evaluate = fid_evaluator(model, args.sampler, sigmas, opts, args.eval_num, 0, args.batch, ref="fashion-mnist-test")
+    evaluate = fid_evaluator(args.eval_num, 0, ref="fashion-mnist-test")
     # Held-out scores are cached by schedule (a rerun, or two methods choosing the same b, costs nothing).
     ecache_path = Path(args.eval_cache) if args.eval_cache else None
     ecache = json.loads(ecache_path.read_text()) if ecache_path and ecache_path.exists() else {}

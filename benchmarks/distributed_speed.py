@@ -2,9 +2,10 @@
 
     python benchmarks/distributed_speed.py --seeds 0-127 --steps 10 --batch 32 --repeats 3
 
-Every configuration runs the real command, ``epsscale sample`` (``torchrun --nproc_per_node=2
--m epsscale sample ...`` for world size 2), on the shipped Fashion-MNIST architecture
-(``DEMO_FLAGS``, 32x32, random weights, since speed does not depend on them) unless ``--model``
+Every configuration runs what ``epsscale sample`` runs (the plan of an epsscale model and
+``sample_seeds`` with a work directory; under ``torchrun --nproc_per_node=2`` for world size 2),
+on the shipped Fashion-MNIST architecture
+(``DEMO_FLAGS``, random weights, since speed does not depend on them) unless ``--model``
 names a model directory. The time is taken inside the command, on rank 0, from a barrier after
 the model is loaded to the end of ``sample_seeds`` (sampling, shard writes and assembly), so
 process start-up is left out; the end-to-end wall time of the command is shown too. Runs are
@@ -32,23 +33,26 @@ HERE = Path(__file__).resolve()
 
 
 def worker(argv: list[str]) -> int:
-    """Run ``epsscale sample`` with ``sample_seeds`` timed on rank 0 (launched by ``main``)."""
-    timing_file, argv = argv[0], argv[1:]
+    """One rank of a run (launched by ``main``): build the plan, then time ``sample_seeds`` on rank 0
+    from a barrier to the written .npz, as ``epsscale sample`` runs it (work directory included)."""
+    timing_file, model, sampler, steps, seeds, batch, out = argv
     import epsscale.distributed as dist
-    from epsscale.cli import main as cli_main
+    from epsscale.data.images import save_npz
+    from epsscale.models.pretrained import build_plan
+    from epsscale.sampling import parse_seeds, sample_seeds
+    from epsscale.store import finish
 
-    real = dist.sample_seeds
-
-    def timed(*args, **kwargs):
-        dist.barrier()
-        t0 = time.perf_counter()
-        res = real(*args, **kwargs)
-        if dist.rank() == 0:
-            Path(timing_file).write_text(json.dumps({"seconds": time.perf_counter() - t0, "world_size": dist.world_size()}))
-        return res
-
-    dist.sample_seeds = timed
-    return cli_main(argv)
+    dist.init()
+    plan = build_plan(model, sampler=sampler, steps=int(steps), sampler_opts={"clip": 1.0} if sampler in ("ddpm", "ddim") else {})
+    work = Path(out + ".parts")
+    dist.barrier()
+    t0 = time.perf_counter()
+    res = sample_seeds(plan, parse_seeds(seeds), batch_size=int(batch), work_dir=work)
+    if dist.rank() == 0:
+        save_npz(out, *res)
+        finish(work)
+        Path(timing_file).write_text(json.dumps({"seconds": time.perf_counter() - t0, "world_size": dist.world_size()}))
+    return 0
 
 
 def make_model(directory: Path) -> Path:
@@ -78,7 +82,7 @@ def main() -> None:
     ap.add_argument("--intra-op", action="store_true", help="also time world size 1 with 2 threads")
     args = ap.parse_args()
 
-    from epsscale.distributed import parse_seeds
+    from epsscale.sampling import parse_seeds
 
     n = len(parse_seeds(args.seeds))
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -98,8 +102,7 @@ def main() -> None:
             for name, (launcher, threads) in configs.items():
                 out = tmp / f"out-{len(outputs)}-{rep}.npz"
                 timing = tmp / "timing.json"
-                cmd = [*launcher, str(HERE), "--worker", str(timing), "sample", "--model", str(model), "--sampler", args.sampler,
-                       "--steps", str(args.steps), "--seeds", args.seeds, "--batch", str(args.batch), "--out", str(out), "--quiet"]
+                cmd = [*launcher, str(HERE), "--worker", str(timing), str(model), args.sampler, str(args.steps), args.seeds, str(args.batch), str(out)]
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True, env=env)

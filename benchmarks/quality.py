@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from epsscale._atomic import atomic_write_text
-from epsscale.demo import demo_discretisation, demo_sampler_options
+from epsscale.models.pretrained import shipped_discretisation as demo_discretisation, shipped_sampler_options as demo_sampler_options
 from epsscale.samplers import SAMPLERS
 
 def discretisation(sampler: str, karras_sigma_max: float | None = None) -> tuple[str, float | None]:
@@ -64,14 +64,17 @@ def save_cache(path: Path, cache: dict) -> None:
 
 def evaluator(model, sampler: str, steps: int, num: int, seed0: int, batch: int, ref: str, work_root: Path | None = None, device: str = "cpu", karras_sigma_max: float | None = None):
     """b -> FID of ``num`` samples from seed ``seed0`` on the demo's discretisation (see fid_evaluator)."""
-    from epsscale.cli import make_grid
-    from epsscale.cli_exposure import fid_evaluator
+    from epsscale.exposure import fid_objective
+    from epsscale.metrics import get_extractor, reference_stats
+    from epsscale.models.pretrained import build_plan
 
-    sigmas = make_grid(model, sampler, steps, *discretisation(sampler, karras_sigma_max))
+    kind, sigma_max = discretisation(sampler, karras_sigma_max)
+    plan = build_plan(model, sampler=sampler, steps=steps, disc=kind, sigma_max=sigma_max, sampler_opts=demo_sampler_options(sampler), device=device)
     grid = grid_label(sampler, karras_sigma_max)
     if work_root is not None and not is_demo_grid(sampler, grid):
         work_root = work_root / grid
-    return fid_evaluator(model, sampler, sigmas, demo_sampler_options(sampler), num, seed0, batch, ref, work_root=work_root, progress=work_root is not None, device=device)
+    ext = get_extractor("fmnist", device=device)
+    return fid_objective(plan, num, seed0, batch, ext, reference_stats(ext, ref), work_root=work_root, progress=work_root is not None)
 
 
 def evaluate(model, sampler: str, steps: int, lam: float, num: int, seed0: int, batch: int, ref: str, work_root: Path, device: str = "cpu", karras_sigma_max: float | None = None) -> dict:
@@ -89,7 +92,7 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     (at most ``max_extend`` points), until the minimum is inside it. Returns the last search's
     result and how many grid points were newly evaluated in all.
     """
-    from epsscale.cli_exposure import TUNING_SEED0
+    from epsscale.exposure.search import TUNING_SEED0
     from epsscale.exposure import fid_search
 
     evaluate = evaluator(model, sampler, steps, num, TUNING_SEED0, batch, "fashion-mnist-train", device=device, karras_sigma_max=karras_sigma_max)

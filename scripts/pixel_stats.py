@@ -33,11 +33,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from epsscale.cli import make_grid
     from epsscale.data.fashion_mnist import load_fashion_mnist
     from epsscale.data.images import load_images
-    from epsscale.demo import demo_discretisation, demo_sampler_options, sample_images
-    from epsscale.models.pretrained import load_model
+    from epsscale.models.pretrained import load_model, shipped_plan
+    from epsscale.sampling import sample_seeds
 
     test, _ = load_fashion_mnist("test")
     rows = [("data (test split)", "", *stats(test, args.black, args.white), "")]
@@ -50,9 +49,8 @@ def main() -> None:
         model = load_model("fmnist")
         for run in args.runs.split(","):
             sampler, steps = run.split(":")
-            sigmas = make_grid(model, sampler, int(steps), *demo_discretisation(sampler))
             t0 = time.time()
-            images = sample_images(model, sampler, sigmas, 1.0, range(args.num), batch=args.num, opts=demo_sampler_options(sampler))
+            images, _ = sample_seeds(shipped_plan(sampler, int(steps), model=model), range(args.num), batch_size=args.num)
             rows.append((sampler, steps, *stats(images, args.black, args.white), f"{time.time() - t0:.0f}"))
         print(f"{args.num} samples per row (seeds 0..{args.num - 1}), λ = 1, black = pixel <= {args.black}/255, white = pixel >= {args.white}/255\n")
     print("| sampler | steps | mean intensity | black pixels | white pixels | seconds |")

@@ -50,7 +50,7 @@ def test_calibrate_norm_and_fid_write_loadable_schedules(tiny_model, tmp_path):
     assert sched.meta["sampler"] == "ddim" and sched.meta["steps"] == 3 and sched.meta["nfe"] > 0
     assert out.with_suffix(".png").exists()
     out2 = tmp_path / "fid.json"
-    args = ["calibrate", "--model", str(tiny_model), "--sampler", "ddim", "--steps", "2", "--method", "fid", "--lo", "1.0", "--hi", "1.02", "--points", "2", "--fid-num", "16", "--batch", "16", "--out", str(out2)]
+    args = ["calibrate", "--model", str(tiny_model), "--sampler", "ddim", "--steps", "2", "--method", "fid", "--search", "grid", "--lo", "1.0", "--hi", "1.02", "--points", "2", "--fid-num", "16", "--batch", "16", "--out", str(out2)]
     assert main(args) == 0
     sched2 = load_schedule(out2)
     assert sched2.schedule.b in (1.0, 1.02) and len(sched2.meta["points"]) == 2
@@ -62,7 +62,7 @@ def test_calibrate_norm_and_fid_write_loadable_schedules(tiny_model, tmp_path):
 
 def test_calibrate_parabola_writes_the_vertex(tiny_model, tmp_path, capsys):
     out = tmp_path / "para.json"
-    args = ["calibrate", "--model", str(tiny_model), "--sampler", "ddim", "--steps", "2", "--method", "fid", "--search", "parabola", "--fid-num", "8", "--batch", "8", "--step", "0.05", "--out", str(out)]
+    args = ["calibrate", "--model", str(tiny_model), "--sampler", "ddim", "--steps", "2", "--method", "fid", "--search", "parabola", "--fid-num", "8", "--batch", "8", "--spacing", "0.05", "--out", str(out)]
     assert main(args) == 0
     sched = load_schedule(out)
     pts = {float(k): v for k, v in sched.meta["points"].items()}
@@ -76,6 +76,9 @@ def test_calibrate_parabola_writes_the_vertex(tiny_model, tmp_path, capsys):
     assert "parabola" in capsys.readouterr().out
 
 
-def test_measure_needs_a_lambda_for_other_models(tiny_model, tmp_path, capsys):
-    assert main(["measure", "--model", str(tiny_model), "--steps", "3", "--num", "4", "--out", str(tmp_path / "m")]) == 2
-    assert "--eps-scale" in capsys.readouterr().err
+def test_measure_without_lambda_runs_the_baseline_alone(tiny_model, tmp_path, capsys):
+    """lambda follows the one rule of sample: 1 (off) unless given, so there is no ES curve, and the summary says how to get one."""
+    assert main(["measure", "--model", str(tiny_model), "--steps", "3", "--num", "4", "--out", str(tmp_path / "m")]) == 0
+    doc = json.loads((tmp_path / "m" / "exposure.json").read_text())
+    assert doc["delta_t"]["es"] is None and len(doc["delta_t"]["baseline"]) == 2
+    assert "--eps-scale" in capsys.readouterr().out

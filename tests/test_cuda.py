@@ -48,36 +48,34 @@ def test_schedule_lookups_follow_the_device(models):
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "heun"])
 @pytest.mark.parametrize("lam", [1.0, 1.01])
 def test_deterministic_samplers_agree_with_cpu(models, sampler, lam):
-    from epsscale.cli import make_grid
-    from epsscale.demo import demo_discretisation, demo_sampler_options
-    from epsscale.samplers import SAMPLERS
-    from epsscale.scaling import eps_scaling
+    from epsscale.models.pretrained import shipped_plan
 
     out = []
     x = torch.randn((4, *models[0].shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for m, dev in zip(models, ("cpu", "cuda")):
-        sigmas = make_grid(m, sampler, 5, *demo_discretisation(sampler))
-        den = eps_scaling(m.denoiser, lam, sigmas=sigmas)
-        with torch.no_grad():
-            out.append(SAMPLERS[sampler](den, (x * sigmas[0]).to(dev), sigmas, **demo_sampler_options(sampler)).cpu())
+        plan = shipped_plan(sampler, 5, lam, model=m, device=dev)
+        out.append(plan.run(plan.scaled_denoiser(), (x * plan.sigmas[0]).to(dev), None).cpu())
     assert torch.allclose(out[0], out[1], atol=2e-3), (out[0] - out[1]).abs().max()
 
 
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_seeded_sampling_and_fid_on_cuda(models, sampler):
-    from epsscale.cli import make_grid
-    from epsscale.cli_exposure import fid_evaluator
-    from epsscale.demo import demo_discretisation, demo_sampler_options, sample_images
+    from epsscale.exposure import fid_objective
+    from epsscale.metrics import get_extractor, reference_stats
+    from epsscale.models.pretrained import shipped_plan
+    from epsscale.sampling import sample_seeds
     from epsscale.scaling import PerSigma
 
     m = models[1]
-    sigmas = make_grid(m, sampler, 4, *demo_discretisation(sampler))
+    plan = shipped_plan(sampler, 4, model=m, device="cuda")
+    sigmas = plan.sigmas
     sched = PerSigma(sigmas[:-1].tolist(), [1.0, 1.005, 1.01, 1.02][: len(sigmas) - 1])
-    a, b = (sample_images(m, sampler, sigmas, sched, range(10), batch=n, opts=demo_sampler_options(sampler), device="cuda") for n in (10, 3))
+    a, b = (sample_seeds(plan.replace(lam=sched), range(10), batch_size=n)[0] for n in (10, 3))
     assert a.shape == (10, 28, 28, 1) and a.dtype == np.uint8
     # Another batch shape may round the network's float32 differently: a pixel by 1 at most.
     assert np.abs(a.astype(int) - b).max() <= 1
-    fid = fid_evaluator(m, sampler, sigmas, demo_sampler_options(sampler), 16, 0, 8, "fashion-mnist-train", device="cuda")(1.01)
+    ext = get_extractor("fmnist", device="cuda")
+    fid = fid_objective(plan, 16, 0, 8, ext, reference_stats(ext, "fashion-mnist-train"))(1.01)
     assert np.isfinite(fid) and fid > 0
 
 

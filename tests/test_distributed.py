@@ -21,6 +21,8 @@ from conftest import randomise_output_layer
 
 import epsscale.distributed as dist
 from epsscale.cli import main
+from epsscale.plan import SamplingPlan
+from epsscale.sampling import parse_seeds, sample_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

@@ -596,7 +596,7 @@ def test_sample_seeds_rejects_bad_arguments_before_sampling(kw, needle):
         (lambda t: ["demo", "--toy", "--out", t / "afile"], "not a directory"),
         (lambda t: ["demo", "--toy", "--num", "1", "--out", t / "d"], "at least 2"),
         (lambda t: ["train", "--run-dir", t / "afile", "--steps", "1"], "not a directory"),
-        (lambda t: ["train", "--run-dir", t / "r", "--steps", "1", "--export", t / "nodir" / "m"], "does not exist"),
+        (lambda t: ["train", "--run-dir", t / "r", "--steps", "1", "--export", t / "afile" / "m"], "not a writable directory"),
         (lambda t: ["measure", "--model", "toy", "--out", t / "afile"], "not a directory"),
         (lambda t: ["measure", "--num", "1", "--out", t / "m"], "at least 2"),
         (lambda t: ["calibrate", "--method", "fid", "--cache", t / "nodir" / "c.json", "--out", t / "c.json"], "does not exist"),
@@ -728,11 +728,13 @@ def test_a_work_dir_that_is_not_one_is_refused_and_left_alone(tiny, tmp_path):
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        (["--method", "norm", "--search", "parabola"], "--search does not apply to --method norm"),
+        (["--method", "norm", "--search", "grid"], "--search does not apply to --method norm"),
         (["--method", "norm", "--lo", "0.9", "--fid-num", "10"], "--lo, --fid-num do not apply"),
-        (["--method", "fid", "--kind", "linear"], "--kind does not apply to --method fid --search grid"),
+        (["--method", "fid", "--kind", "linear"], "--kind does not apply to --method fid --search parabola"),
         (["--method", "fid", "--search", "parabola", "--points", "9"], "--points does not apply to --method fid --search parabola"),
-        (["--method", "fid", "--search", "grid", "--step", "0.02"], "--step"),
+        (["--method", "fid", "--search", "grid", "--spacing", "0.02"], "--spacing does not apply to --method fid --search grid"),
+        (["--method", "fid", "--search", "grid", "--step", "0.02"], "--steps"),  # no such option; the hint names the likely one
+        (["--spacing", "20"], "did you mean --steps"),
         (["--eps-scale", "1.01"], "chooses lambda"),
     ],
 )

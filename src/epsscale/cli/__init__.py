@@ -14,6 +14,7 @@ behind. The library never imports this package.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Any, Sequence
@@ -82,12 +83,34 @@ def _command_from(argv: Sequence[str]) -> str:
     return "epsscale"
 
 
+def _with_hint(parser: Parser, argv: list[str], message: str) -> str:
+    """An unknown option, with the command's options that it most likely meant (``--seed`` -> ``--seeds``)."""
+    import difflib
+
+    if not message.startswith("unrecognized arguments:"):
+        return message
+    command = _command_from(argv).removeprefix("epsscale").strip()
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    target = sub.choices.get(command, parser) if sub is not None else parser
+    options = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for token in message.split(":", 1)[1].split():
+        if token.startswith("--"):
+            close = difflib.get_close_matches(token.split("=")[0], options, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{token}: did you mean {' or '.join(close)}?")
+    return message + (f" ({'; '.join(hints)})" if hints else "")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     common.set_current_command(_command_from(argv))
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except UserError as e:
+            raise UserError(_with_hint(parser, argv, str(e))) from None
         if not getattr(args, "command", None):
             parser.print_help()
             return 2

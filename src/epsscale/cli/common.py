@@ -17,7 +17,6 @@ from typing import Any
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m")
 VP_SAMPLERS = ("ddpm", "ddim")
 SIGMA_SAMPLERS = ("euler", "heun", "dpmpp_2m")
-TUNING_SEED0 = 1_000_000  # seeds used for tuning lambda: far from the seeds users sample (0..)
 
 # The biggest batch a run uses by default. Measured on this project's 2-core CPU with the
 # shipped model: throughput is flat from 64 to 256 rows ("Batch size" in benchmarks/RESULTS.md).
@@ -48,6 +47,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.option_strings == [] or isinstance(action, argparse._StoreConstAction):
             return text
         return f"{text} (default: {action.default})"
+
+
+def _tuning_seed0() -> int:
+    from ..exposure.search import TUNING_SEED0
+
+    return TUNING_SEED0
 
 
 def command_name(args: argparse.Namespace | None) -> str:

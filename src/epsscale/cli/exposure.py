@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import common
-from .common import TUNING_SEED0, UserError
+from ..exposure.search import TUNING_SEED0
+from .common import UserError
 from .fid import add_extractor_options, extractor_from_args
 
 MEASURE_DESCRIPTION = """\
@@ -150,7 +151,7 @@ def measure(args: argparse.Namespace) -> int:
     plan = common.build_plan(args)
     _warn_deterministic_top(plan)
     x0, data_name = real_images(plan, args.data, args.num, args.data_seed)
-    lam = plan.lam
+    lam = None if isinstance(plan.lam, (int, float)) and plan.lam == 1.0 else plan.lam  # ES off: the baseline alone
     t0 = time.time()
     rep = measure_exposure(plan.denoiser, x0, plan.sigmas, plan.sampler, lam, seeds=range(TUNING_SEED0, TUNING_SEED0 + args.num), sampler_opts=dict(plan.sampler_opts), batch_size=args.batch or common.auto_batch(args.num))
     meta = {"model": plan.name, "fingerprint": plan.fingerprint, "sampler": plan.sampler, "steps": plan.steps, "grid": plan.meta.get("disc"), "lam": common.format_lam(lam), "num": args.num, "data": data_name, "seconds": round(time.time() - t0, 1)}
@@ -163,7 +164,7 @@ def measure(args: argparse.Namespace) -> int:
         return 0
     d_b, d_e = doc["delta_t"]["baseline"], doc["delta_t"]["es"]
     e = doc["eps_norm"]
-    es_note = f"ES {common.format_lam(lam)}" if d_e else "no ES run (give --eps-scale B or --eps-schedule FILE to compare)"
+    es_note = f"ES {common.format_lam(lam)}" if d_e and lam is not None else "no ES run (give --eps-scale B or --eps-schedule FILE to compare)"
     print(f"{plan.sampler}, {plan.steps} steps, {args.num} images of {data_name}, {es_note}")
     print("| t | delta_t baseline | delta_t ES | eps-norm training | sampling | sampling after ES |")
     print("|---|---|---|---|---|---|")
@@ -211,28 +212,6 @@ def _check_calibrate_options(args: argparse.Namespace) -> None:
         raise UserError(f"--spacing {args.spacing:g}: the parabola's points are b apart by this much; expected a small number such as 0.01 (did you mean --steps?)")
 
 
-def fid_objective(plan: Any, num: int, seed0: int, batch: int, extractor: Any, ref_stats: Any, *, work_root: Path | None = None, progress: bool = False) -> Callable[[float], float]:
-    """b -> FID of ``num`` samples of ``plan`` at uniform λ = b, seeds ``seed0``... (the same at every b).
-
-    With ``work_root``, each b samples into its own work directory below it (finished batches
-    survive a kill and are reused by a rerun), removed once its FID is computed.
-    """
-    import shutil
-
-    from ..metrics import compute_fid, feature_stats
-    from ..sampling import sample_seeds
-
-    def evaluate(b: float) -> float:
-        work = None if work_root is None else work_root / f"{plan.sampler}-{plan.steps}-{b!r}-{num}-{seed0}"
-        images, _ = sample_seeds(plan.replace(lam=b), range(seed0, seed0 + num), batch_size=batch, work_dir=work, progress=progress)
-        fid = compute_fid(feature_stats(images, extractor), ref_stats)
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
-        return fid
-
-    return evaluate
-
-
 def _tuned_on(plan: Any, args: argparse.Namespace, data: str, extra: dict) -> dict:
     """What a schedule JSON records about the run it was tuned on (``sample`` checks it)."""
     return {
@@ -244,7 +223,7 @@ def _tuned_on(plan: Any, args: argparse.Namespace, data: str, extra: dict) -> di
 
 @_rank0_only
 def calibrate(args: argparse.Namespace) -> int:
-    from ..exposure import calibrate_norm_matching, fid_search, plot_fid_vs_b, write_calibrated_schedule
+    from ..exposure import calibrate_norm_matching, fid_objective, fid_search, plot_fid_vs_b, write_calibrated_schedule
     from ..metrics import reference_stats
     from ..scaling import Uniform
     from ..plots import plot_calibration

@@ -68,7 +68,7 @@ from ._common import SamplerLike, Start, Units
 from .analytic import AnalyticResult, analytic_variance
 from .calibrate import CalibrationInfo, calibrate_norm_matching, influence_weights
 from .measure import EXPOSURE_FORMAT, DeltaResult, EpsNormResult, ExposureReport, delta_t, eps_norms, exposure_json, measure_exposure
-from .search import FID_CACHE_FORMAT, FidSearchResult, fid_search, write_calibrated_schedule
+from .search import FID_CACHE_FORMAT, FidSearchResult, fid_objective, fid_search, write_calibrated_schedule
 
 __all__ = [
     "DeltaResult",
@@ -84,6 +84,7 @@ __all__ = [
     "influence_weights",
     "calibrate_norm_matching",
     "fid_search",
+    "fid_objective",
     "write_calibrated_schedule",
     "exposure_json",
     "plot_delta",

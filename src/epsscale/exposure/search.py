@@ -20,6 +20,9 @@ from .._atomic import atomic_write_text
 from ..scaling import Calibrated, Linear, PerSigma, Uniform, save_schedule
 from ._common import _jsonable, _Record
 
+# Seeds used for tuning lambda: far from the seeds users and the demo sample from (0..).
+TUNING_SEED0 = 1_000_000
+
 FID_CACHE_FORMAT = "epsscale.fid_search/1"
 
 
@@ -274,3 +277,24 @@ def write_calibrated_schedule(path: str | os.PathLike, schedule: Union[Uniform, 
         raise ValueError(f"meta must name the model, sampler and steps; missing {', '.join(missing)}")
     save_schedule(path, schedule, _jsonable(dict(meta)))
 
+
+def fid_objective(plan: Any, num: int, seed0: int, batch: int, extractor: Any, ref_stats: Any, *, work_root: Path | None = None, progress: bool = False) -> Callable[[float], float]:
+    """b -> FID of ``num`` samples of ``plan`` at uniform λ = b, seeds ``seed0``... (the same at every b).
+
+    With ``work_root``, each b samples into its own work directory below it (finished batches
+    survive a kill and are reused by a rerun), removed once its FID is computed.
+    """
+    import shutil
+
+    from ..metrics import compute_fid, feature_stats
+    from ..sampling import sample_seeds
+
+    def evaluate(b: float) -> float:
+        work = None if work_root is None else work_root / f"{plan.sampler}-{plan.steps}-{b!r}-{num}-{seed0}"
+        images, _ = sample_seeds(plan.replace(lam=b), range(seed0, seed0 + num), batch_size=batch, work_dir=work, progress=progress)
+        fid = compute_fid(feature_stats(images, extractor), ref_stats)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        return fid
+
+    return evaluate

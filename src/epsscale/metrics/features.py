@@ -172,11 +172,7 @@ def _weights_id(extractor: Any) -> str | None:
     module = extractor if isinstance(extractor, torch.nn.Module) else getattr(extractor, "model", None)
     if not isinstance(module, torch.nn.Module):
         return None
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return "state-" + h.hexdigest()[:16]
+    return "state-" + digest_state(module)
 
 
 def load_fmnist_extractor(
