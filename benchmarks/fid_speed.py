@@ -1,6 +1,6 @@
 """Frechet distance at 2048-d: ours vs the scipy.linalg.sqrtm formula (pytorch-fid), side by side.
 
-DESIGN.md §5: at least 5x faster than the sqrtm formula and within 1e-6 relative of it.
+docs/design.md, "Performance targets": at least 5x faster than the sqrtm formula and within 1e-6 relative of it.
 
     python benchmarks/fid_speed.py --threads 1 --repeats 3
 """

@@ -1,6 +1,6 @@
 """Speed: ES on/off, sampler overhead, and a diffusers DDIM loop, side by side in one run.
 
-DESIGN.md §5 targets: wall(ES) / wall(no ES) <= 1.01; total sampling time / (NFE x bare forward)
+docs/design.md, "Performance targets": wall(ES) / wall(no ES) <= 1.01; total sampling time / (NFE x bare forward)
 <= 1.05 at batch 256 on the demo model; no slower than diffusers' loop on the same UNet.
 
 Runs are interleaved (A, B, A, B, ...) and medians are reported, because this machine is noisy.

@@ -32,7 +32,7 @@ S = 0.5
 
 
 class Oracle:
-    """PAPER.md's error model: x̂0 = x0 + γ(σ) ξ, fresh ξ every call; x0 is one fixed vector."""
+    """docs/paper.md's error model: x̂0 = x0 + γ(σ) ξ, fresh ξ every call; x0 is one fixed vector."""
 
     def __init__(self, x0_row, gamma, seed=123):
         self.x0_row, self.gamma = x0_row, gamma
@@ -162,7 +162,7 @@ CASES = [
 
 @pytest.mark.parametrize("sampler,opts,model,gamma", CASES)
 def test_analytic_variance_matches_monte_carlo(sampler, opts, model, gamma):
-    """Var(x̂_t − √ᾱ_t x0 | x0) = 1 − ᾱ_t + Δ_t with Δ_{t−1} = ct² Δ_t + c0² γ_t² (PAPER.md)."""
+    """Var(x̂_t − √ᾱ_t x0 | x0) = 1 − ᾱ_t + Δ_t with Δ_{t−1} = ct² Δ_t + c0² γ_t² (docs/paper.md, "Sampling distribution with prediction error")."""
     n, d = 3000, 8
     x0_row = torch.linspace(-0.8, 0.8, d, dtype=torch.float64)
     x0 = x0_row.expand(n, d).clone()

@@ -142,7 +142,7 @@ def test_loaded_net_samples_like_the_original(tmp_path: Path) -> None:
     # ES moves the result by far more than that.
     assert ((es - plain).abs() / plain.abs()).min() > 1e-4
 
-    # DESIGN.md §4.2, on a fine grid (Heun's error is 5.5% at 18 steps, 2e-4 at 256):
+    # docs/design.md, "Reproducibility contracts" 2, on a fine grid (Heun's error is 5.5% at 18 steps, 2e-4 at 256):
     # x(0) = x(sigma_max) (s² / (s² + sigma_max²))^(1 / (2 lambda)).
     fine = sigmas_karras(256, 0.002, 80.0, 7.0)
     for lam in (1.0, 1.0005, 1.05):

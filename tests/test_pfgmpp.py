@@ -148,7 +148,7 @@ def test_sampling_is_batch_invariant_and_es_acts_as_for_edm() -> None:
     plain, x_T = run([1, 2, 3], None, sampler=euler)
     assert torch.equal(plain, run([1, 2, 3], 1.0, sampler=euler)[0])  # lambda == 1: bit-identical
 
-    # The closed form of DESIGN.md §4.2 holds from any x(sigma_max), the PFGM++ prior included.
+    # The closed form of docs/design.md, "Reproducibility contracts" 2, holds from any x(sigma_max), the PFGM++ prior included.
     fine = sigmas_karras(256, 0.002, 80.0, 7.0)
     for lam in (1.0, 1.02):
         out = heun(eps_scaling(GaussianDenoiser(s), lam), x_T, fine)

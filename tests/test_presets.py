@@ -1,4 +1,4 @@
-"""Presets against the paper's tables (transcribed here independently from PAPER.md)."""
+"""Presets against the paper's tables (transcribed here independently from docs/paper.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# PAPER.md, "Results tables", ADM: T' -> uniform b, and the 20-step ES* (k, b).
+# docs/paper.md, "Results tables", ADM: T' -> uniform b, and the 20-step ES* (k, b).
 ADM_LAMBDA = {
     "adm-cifar10": {100: 1.017, 50: 1.017, 20: 1.017},
     "adm-lsun-tower64": {100: 1.006, 50: 1.007, 20: 1.011},
@@ -51,7 +51,7 @@ ADM_NOISE_SCHEDULE = {
     "adm-imagenet64": "cosine", "adm-imagenet128": "linear",
 }  # fmt: skip
 
-# PAPER.md, EDM table: (sampler, EDM --steps) -> (NFE, uncond b, cond b).
+# docs/paper.md, "Results tables", EDM: (sampler, EDM --steps) -> (NFE, uncond b, cond b).
 EDM_LAMBDA = {
     ("heun", 18): (35, 1.0005, 1.0006),
     ("heun", 11): (21, 0.9985, 0.9983),
@@ -96,7 +96,7 @@ def test_adm_lambda_matches_paper(name: str) -> None:
 
 
 def test_linear_schedules_keep_the_mean_at_uniform_b() -> None:
-    """PAPER.md: the 20-step (k, b) pairs keep mean(lambda) at the best uniform b for 4 of 5."""
+    """docs/paper.md, "λ schedules": the 20-step (k, b) pairs keep mean(lambda) at the best uniform b for 4 of 5."""
     same = [n for n, (k, b) in ADM_LINEAR_20.items() if abs(b + k * 9.5 - ADM_LAMBDA[n][20]) < 1e-9]
     assert same == ["adm-lsun-tower64", "adm-ffhq128", "adm-imagenet64", "adm-imagenet128"]
     for name in same:

@@ -16,7 +16,7 @@ SIGMA_MAX = 80.0
 
 
 def closed_form(x_T, lam=1.0, s=S, sigma_max=SIGMA_MAX):
-    """PF-ODE solution at sigma = 0 for N(0, s^2) data with uniform ES (DESIGN.md §4.2)."""
+    """PF-ODE solution at sigma = 0 for N(0, s^2) data with uniform ES (docs/design.md, "Reproducibility contracts", 2)."""
     return x_T * (s**2 / (s**2 + sigma_max**2)) ** (1 / (2 * lam))
 
 
@@ -91,7 +91,7 @@ STOCHASTIC = {
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_batch_size_invariance(name):
-    """A sample depends only on its seed (DESIGN.md §4.4)."""
+    """A sample depends only on its seed (docs/design.md, "Reproducibility contracts", 4)."""
     den = eps_scaling(ImperfectDenoiser(default_mixture(), gamma=0.3), 1.01)
     grid = VPSchedule("cosine").grid("10")
     seeds = list(range(7))

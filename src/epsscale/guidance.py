@@ -1,4 +1,4 @@
-"""Guidance as denoiser transforms (the ``guidance/clip`` arrow of DESIGN.md §2).
+"""Guidance as denoiser transforms (the ``guidance/clip`` arrow of docs/design.md, "Data flow").
 
 Classifier-free guidance (Ho & Salimans 2022) mixes a conditional and an unconditional
 prediction: ``eps = eps_u + w (eps_c - eps_u)``. eps and x0 are affine in each other at fixed

@@ -13,7 +13,7 @@ EDM's in σ (Xu et al. 2023, Sec. 4), and D → ∞ recovers EDM's Gaussian kern
 (R² → σ² χ²_N). Sampling is therefore: draw x_T from :func:`pfgmpp_prior`, then run
 :func:`epsscale.samplers.heun` or :func:`~epsscale.samplers.euler` on an EDM-style net
 (:class:`epsscale.adapters.EDMDenoiser`) with Epsilon Scaling applied exactly as for EDM
-(PAPER.md, "PFGM++")::
+(docs/paper.md, "Epsilon Scaling per framework", PFGM++)::
 
     sigmas = sigmas_karras(18, 0.002, 80.0)
     noise = StackedGenerator(seeds)

@@ -1,7 +1,7 @@
 """Presets: the paper's settings as small keyword sets, each with its provenance.
 
 Ning et al., "Elucidating the Exposure Bias in Diffusion Models" (ICLR 2024), as published in the
-READMEs of forever208/ADM-ES and forever208/EDM-ES (see PAPER.md):
+READMEs of forever208/ADM-ES and forever208/EDM-ES (see docs/paper.md, "Results tables" and "Model settings (presets)"):
 
 * ADM (guided-diffusion, DDPM ancestral sampling with learned variance and x0 clipping, 1000
   training steps respaced to T' in {100, 50, 20}): ``adm-cifar10``, ``adm-lsun-tower64``,
