@@ -103,7 +103,7 @@ def test_delta_t_is_the_protocol_and_batch_invariant(sampler, units):
             r, tgt = r * abar.sqrt(), (1 - abar).sqrt()
         else:
             tgt = s
-        std.append(r.std(0).mean())
+        std.append(r.std(0, correction=0).mean())  # divisor N, as ADM-ES (np.std)
         target.append(tgt)
     std, target = torch.stack(std), torch.stack(target)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-__all__ = ["digest_bytes", "digest_file", "digest_json", "digest_ints", "digest_tensor", "digest_state"]
+__all__ = ["digest_bytes", "digest_file", "digest_json", "digest_ints", "digest_tensor", "digest_state", "digest_tree"]
 
 
 def digest_bytes(data: bytes | Iterable[bytes], length: int = 16) -> str:
@@ -50,3 +51,19 @@ def digest_tensor(t: torch.Tensor, length: int = 16) -> str:
 def digest_state(module: torch.nn.Module, length: int = 16) -> str:
     """SHA-256 of a module's state dict: names and values, in name order."""
     return digest_bytes((piece for k, v in sorted(module.state_dict().items()) for piece in (k.encode(), v.detach().cpu().contiguous().numpy().tobytes())), length)
+
+
+def digest_tree(path: str | os.PathLike, length: int = 12) -> str:
+    """SHA-256 of a file's or folder's resolved path and the relative name, size and modification
+    time of every file under it. Cheap (no contents read), and it changes when any file does:
+    a folder's own size and time do not change when a file inside it is replaced."""
+    p = Path(path).resolve()
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+
+    def pieces() -> Iterable[bytes]:
+        yield str(p).encode()
+        for f in files:
+            st = f.stat()
+            yield f"|{f.relative_to(p) if f != p else ''}|{st.st_size}|{st.st_mtime_ns}".encode()
+
+    return digest_bytes(pieces(), length)

@@ -30,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +68,8 @@ class SamplingPlan:
         prior_dtype: the dtype of each seed's x_T draw (float32, as EDM and guided-diffusion).
         num_classes: class-conditional models: each seed draws its label right after x_T
             unless ``labels`` gives one label per seed.
+        cycle_labels: instead of drawing, the k-th seed of a run takes label k mod num_classes
+            (a text pipeline's prompts, cycled over the seeds).
         fingerprint: identifies the weights (resume manifests, calibration JSON).
         name: how messages name the model.
         device: where the denoiser runs and the noise is drawn.
@@ -89,6 +91,7 @@ class SamplingPlan:
     prior_dtype: torch.dtype = torch.float32
     num_classes: int | None = None
     labels: tuple[int, ...] | None = None
+    cycle_labels: bool = False
     fingerprint: str = ""
     name: str = ""
     device: torch.device = torch.device("cpu")
@@ -112,6 +115,8 @@ class SamplingPlan:
         object.__setattr__(self, "device", torch.device(self.device))
         if self.labels is not None:
             object.__setattr__(self, "labels", tuple(int(v) for v in self.labels))
+        if self.cycle_labels and not self.num_classes:
+            raise ValueError("cycle_labels needs num_classes")
 
     # -- what the run is ----------------------------------------------------------------------
 
@@ -128,6 +133,14 @@ class SamplingPlan:
     def prior_kind(self) -> str:
         """``"vp"``, ``"ve"`` or ``"pfgmpp:D"``: the prior as one string (manifests)."""
         return f"pfgmpp:{self.aug_dim}" if self.prior == "pfgmpp" else self.prior
+
+    def labels_for(self, seeds: Sequence[int]) -> list[int] | None:
+        """The label of each seed of a run: given, cycled, or None (each seed draws its own)."""
+        if self.labels is not None:
+            return list(self.labels)
+        if self.cycle_labels:
+            return [k % int(self.num_classes) for k in range(len(seeds))]  # type: ignore[arg-type]
+        return None
 
     def replace(self, **changes: Any) -> "SamplingPlan":
         """A copy with some fields changed (``plan.replace(lam=1.01)``)."""
@@ -226,12 +239,19 @@ def schedule_mismatch(lam: ScheduleLike, plan: SamplingPlan) -> str | None:
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:
-    """Identify weights by path, size and modification time, so that a resume never mixes models."""
+    """Identify weights by path, size and modification time, so that a resume never mixes models.
+
+    A folder (a diffusers pipeline) is identified by every file under it.
+    """
     from pathlib import Path
+
+    from .hashing import digest_tree
 
     p = Path(path)
     try:
         st = p.stat()
     except OSError:
         return str(p)
+    if p.is_dir():
+        return f"{p.resolve()}:{digest_tree(p)}"
     return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"

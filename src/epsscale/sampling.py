@@ -155,7 +155,8 @@ def sample_seeds(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     seeds = _check_seeds(seeds, plan.labels)
-    label_of = dict(zip(seeds, plan.labels)) if plan.labels is not None else None
+    labels = plan.labels_for(seeds)
+    label_of = dict(zip(seeds, labels)) if labels is not None else None
     r, w = rank(), world_size()
     guarded = plan.scaled_denoiser(CheckFinite(plan.denoiser, plan.sigmas))
     device = plan.device
@@ -168,7 +169,7 @@ def sample_seeds(
     if wd is not None:
         meta = {"model": plan.fingerprint, "lam": repr(plan.lam), **plan.meta}
         job = store.Job(plan.sampler, tuple(float(s) for s in plan.sigmas), plan.shape, plan.prior_kind, str(meta["lam"]), store.job_options(dict(plan.sampler_opts)), str(meta["model"]))
-        manifest = store.manifest_for(job, seeds, plan.labels, world_size=w, batch_size=batch_size, meta=meta)
+        manifest = store.manifest_for(job, seeds, labels, world_size=w, batch_size=batch_size, meta=meta)
         status: tuple[str, Any, ...]
         if r == 0:
             try:

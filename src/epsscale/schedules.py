@@ -34,7 +34,7 @@ __all__ = [
     "GRID_KINDS",
 ]
 
-BetaKind = Literal["linear", "cosine"]
+BetaKind = Literal["linear", "cosine", "table"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,17 +154,33 @@ class VPSchedule:
     """A discrete variance-preserving schedule (DDPM), ``T`` steps, ``t = 0 .. T-1``.
 
     ``alphas_cumprod[t]`` is abar_t; :attr:`sigmas` holds the VE sigma of every timestep
-    (ascending with t).
+    (ascending with t). ``kind`` is ``"linear"`` or ``"cosine"`` (guided-diffusion's), or
+    ``"table"`` for explicit betas (:meth:`from_betas`, e.g. a diffusers scheduler's).
     """
 
     kind: BetaKind = "linear"
     num_timesteps: int = 1000
+    table: tuple[float, ...] | None = field(default=None, repr=False)
     betas: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int) or self.num_timesteps < 1:
             raise ValueError(f"num_timesteps must be a positive integer, got {self.num_timesteps!r}")
+        if self.kind == "table":
+            betas = np.asarray(self.table if self.table is not None else (), dtype=np.float64)
+            if betas.shape != (self.num_timesteps,) or not np.all((betas > 0) & (betas < 1)):
+                raise ValueError(f"a table schedule needs {self.num_timesteps} betas in (0, 1)")
+            object.__setattr__(self, "betas", torch.from_numpy(betas.copy()))
+            return
+        if self.table is not None:
+            raise ValueError("explicit betas need kind='table' (VPSchedule.from_betas)")
         object.__setattr__(self, "betas", torch.from_numpy(_betas(self.kind, self.num_timesteps)))
+
+    @classmethod
+    def from_betas(cls, betas: Sequence[float] | torch.Tensor | np.ndarray) -> "VPSchedule":
+        """A schedule with these betas (float64), e.g. a diffusers scheduler's ``betas``."""
+        values = tuple(float(b) for b in torch.as_tensor(betas, dtype=torch.float64).flatten().tolist())
+        return cls("table", len(values), values)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

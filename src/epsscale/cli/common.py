@@ -405,11 +405,14 @@ def build_plan(args: argparse.Namespace, *, for_data: bool = False) -> Any:
     lam, _ = choose_lam(eps_scale=args.eps_scale, eps_schedule=args.eps_schedule)
     sampler = args.sampler or "ddpm"
     if source == "diffusers":
-        from ..integrations import diffusers as diffusers_integration
+        from ..integrations import pipelines
 
-        return diffusers_integration.build_plan(
+        opts = sampler_options(args, sampler)
+        if "clip" not in given_sampler_options(args):
+            opts.pop("clip", None)  # the scheduler's own clip_sample decides
+        return pipelines.build_plan(
             args.diffusers, sampler=sampler, steps=steps, disc=args.grid_kind or "respaced", sigma_max=args.sigma_max,
-            sampler_opts=sampler_options(args, sampler), lam=lam, prompts=read_prompts(args.prompt_file), guidance_scale=args.guidance_scale, device=dev,
+            sampler_opts=opts, lam=lam, prompts=read_prompts(args.prompt_file), guidance_scale=args.guidance_scale, device=dev,
         )
     if source == "toy":
         from ..data import toy

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import common
 from ..exposure.search import TUNING_SEED0
@@ -68,6 +69,7 @@ def add_parsers(sub: Any) -> None:
     common.add_model_options(m)
     common.add_sampling_options(m)
     _add_data_options(m, 256)
+    m.add_argument("--start", choices=("data", "prior"), default="data", help="where the eps-norm trajectories start: noised real images (the delta_t protocol), or the sampler's prior (the authors' eps-norm analyses); delta_t always starts from data")
     m.add_argument("--batch", type=common.positive_int, default=None, help=f"network batch (default: the fewest batches of at most {common.MAX_BATCH}, evened out)")
     m.add_argument("--out", required=True, help="output directory (exposure.json, delta_t.png, eps_norm.png)")
     common.add_run_options(m)
@@ -88,6 +90,7 @@ def add_parsers(sub: Any) -> None:
     g.add_argument("--fid-num", type=common.positive_int, default=_ONLY["--fid-num"][1], help="samples per FID point (default: 100 for the parabola, else 1000)")
     g.add_argument("--cache", default=_ONLY["--cache"][1], help="the FID points' cache (default: OUT.points.json)")
     g.add_argument("--kind", choices=("uniform", "linear", "per_sigma"), default=_ONLY["--kind"][1], help="norm matching: the schedule family")
+    g.add_argument("--start", choices=("data", "prior"), default=_ONLY["--start"][1], help="norm matching: trajectories start from noised real images or from the prior")
     add_extractor_options(c)
     _add_data_options(c, _ONLY["--num"][1])
     c.add_argument("--batch", type=common.positive_int, default=None, help=f"network batch (default: the fewest batches of at most {common.MAX_BATCH}, evened out)")
@@ -101,16 +104,23 @@ def add_parsers(sub: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def real_images(plan: Any, data: str | None, num: int, seed: int) -> tuple[Any, str]:
-    """``num`` real images in the model's space, a seeded random subset; and what they are."""
+def real_images(plan: Any, data: str | None, num: int, seed: int) -> tuple[Any, dict, str]:
+    """``num`` real images in the model's space (a seeded random subset), the conditioning of a
+    class-conditional or text model for them, and what the images are."""
     import numpy as np
+    import torch
 
     if plan.data_space is None:
         raise UserError(f"{plan.name}: epsscale does not know how to put images into this model's space")
+    labels = None
     if data is not None:
-        from ..data.images import load_images
+        from ..data.images import load_images, load_npz
 
-        images, what = load_images(data), str(data)
+        if str(data).endswith(".npz"):
+            images, labels = load_npz(data, with_labels=True)
+        else:
+            images = load_images(data)
+        what = str(data)
     elif plan.meta.get("source") == "epsscale" and plan.meta.get("data") == "fashion-mnist":
         from ..data.fashion_mnist import load_fashion_mnist
 
@@ -121,9 +131,44 @@ def real_images(plan: Any, data: str | None, num: int, seed: int) -> tuple[Any, 
         raise UserError(f"--num {num} exceeds the {len(images)} images of {what}")
     idx = np.sort(np.random.default_rng(seed).choice(len(images), num, replace=False))
     try:
-        return plan.data_space(images[idx]), what
+        x0 = plan.data_space(images[idx])
     except ValueError as e:
         raise UserError(f"--data {what}: {e}") from None
+    cond: dict = {}
+    if plan.num_classes:
+        if plan.cycle_labels:
+            y = [k % plan.num_classes for k in range(num)]
+        elif labels is not None:
+            y = [int(v) for v in labels[idx]]
+        else:
+            common.warn(f"{what} holds no class labels (an .npz with arr_1 would): the class-conditional model gets random labels")
+            y = np.random.default_rng(seed + 1).integers(0, plan.num_classes, num).tolist()
+        cond = {"y": torch.tensor(y, device=plan.device)}
+    return x0, cond, what
+
+
+class _Counting:
+    """The model, advancing a progress bar (stderr) by the images of every network call."""
+
+    def __init__(self, inner: Any, bar: Any) -> None:
+        self.inner, self.bar = inner, bar
+        for attr in ("sigma_min", "sigma_max", "round_sigma"):
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
+
+    def __call__(self, x: Any, sigma: Any, **cond: Any) -> Any:
+        out = self.inner(x, sigma, **cond)
+        self.bar.update(x.shape[0])
+        return out
+
+
+@contextmanager
+def _progress(plan: Any, show: bool, desc: str, total: int) -> Iterator[Any]:
+    """The plan's model wrapped to count network evaluations on a tqdm bar (off with --quiet)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="eval", disable=not show, unit_scale=True) as bar:
+        yield _Counting(plan.denoiser, bar)
 
 
 def _warn_deterministic_top(plan: Any) -> None:
@@ -141,7 +186,9 @@ def _warn_deterministic_top(plan: Any) -> None:
 @_rank0_only
 def measure(args: argparse.Namespace) -> int:
     from .._atomic import atomic_write_text
-    from ..exposure import exposure_json, measure_exposure, plot_delta, plot_eps_norms
+    import dataclasses
+
+    from ..exposure import eps_norms, exposure_json, measure_exposure, plot_delta, plot_eps_norms
 
     common.set_threads(args)
     out = common.out_dir(args.out)
@@ -150,11 +197,19 @@ def measure(args: argparse.Namespace) -> int:
         raise UserError(f"--num must be at least 2 (delta_t is a variance over images), got {args.num}")
     plan = common.build_plan(args)
     _warn_deterministic_top(plan)
-    x0, data_name = real_images(plan, args.data, args.num, args.data_seed)
+    x0, cond, data_name = real_images(plan, args.data, args.num, args.data_seed)
     lam = None if isinstance(plan.lam, (int, float)) and plan.lam == 1.0 else plan.lam  # ES off: the baseline alone
     t0 = time.time()
-    rep = measure_exposure(plan.denoiser, x0, plan.sigmas, plan.sampler, lam, seeds=range(TUNING_SEED0, TUNING_SEED0 + args.num), sampler_opts=dict(plan.sampler_opts), batch_size=args.batch or common.auto_batch(args.num))
-    meta = {"model": plan.name, "fingerprint": plan.fingerprint, "sampler": plan.sampler, "steps": plan.steps, "grid": plan.meta.get("disc"), "lam": common.format_lam(lam), "num": args.num, "data": data_name, "seconds": round(time.time() - t0, 1)}
+    seeds = range(TUNING_SEED0, TUNING_SEED0 + args.num)
+    batch = args.batch or common.auto_batch(args.num)
+    opts = dict(plan.sampler_opts)
+    passes = (2 if lam is not None else 1) * (2 if args.start == "prior" else 1)
+    with _progress(plan, not args.quiet, "measure", args.num * (passes * plan.nfe + plan.steps)) as model:
+        rep = measure_exposure(model, x0, plan.sigmas, plan.sampler, lam, seeds=seeds, sampler_opts=opts, cond=cond or None, batch_size=batch)
+        if args.start == "prior":  # the eps-norm curves from the prior; delta_t keeps the data start of its protocol
+            eps = eps_norms(model, x0, plan.sigmas, plan.sampler, lam, seeds=seeds, sampler_opts=opts, cond=cond or None, batch_size=batch, start="prior")
+            rep = dataclasses.replace(rep, eps=eps, nfe=rep.nfe + eps.nfe)
+    meta = {"model": plan.name, "fingerprint": plan.fingerprint, "sampler": plan.sampler, "steps": plan.steps, "grid": plan.meta.get("disc"), "lam": common.format_lam(lam), "num": args.num, "data": data_name, "start": args.start, "seconds": round(time.time() - t0, 1)}
     doc = exposure_json(rep, schedule=plan.schedule if plan.sampler in common.VP_SAMPLERS else None, meta=meta)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "exposure.json", json.dumps(doc, indent=1) + "\n")
@@ -184,6 +239,7 @@ def measure(args: argparse.Namespace) -> int:
 # calibrate's options and the methods (or searches) they belong to: option -> (dest, default, applies).
 _ONLY = {
     "--kind": ("kind", "uniform", lambda a: a.method == "norm"),
+    "--start": ("start", "data", lambda a: a.method == "norm"),
     "--num": ("num", 256, lambda a: a.method == "norm"),
     "--data-seed": ("data_seed", 0, lambda a: a.method == "norm"),
     "--search": ("search", "parabola", lambda a: a.method == "fid"),
@@ -240,11 +296,12 @@ def calibrate(args: argparse.Namespace) -> int:
     png = out.with_suffix(".png")
     if args.method == "norm":
         common.warn("norm matching follows the paper's eps-norm argument and does not always agree with FID; check its lambda with --method fid")
-        x0, data_name = real_images(plan, args.data, args.num, args.data_seed)
+        x0, cond, data_name = real_images(plan, args.data, args.num, args.data_seed)
         seeds = range(TUNING_SEED0, TUNING_SEED0 + args.num)
-        sched, info = calibrate_norm_matching(plan.denoiser, x0, plan.sigmas, plan.sampler, args.kind, seeds=seeds, sampler_opts=dict(plan.sampler_opts), batch_size=args.batch or common.auto_batch(args.num))
+        with _progress(plan, not args.quiet, f"norm matching ({args.kind})", args.num * (plan.nfe + plan.steps) * 4) as model:
+            sched, info = calibrate_norm_matching(model, x0, plan.sigmas, plan.sampler, args.kind, seeds=seeds, sampler_opts=dict(plan.sampler_opts), cond=cond or None, batch_size=args.batch or common.auto_batch(args.num), start=args.start)
         meta.update(kind=args.kind, num=args.num, nfe=info.nfe, passes=info.passes, converged=info.converged, seconds=round(time.time() - t0, 1), calibration=info.to_dict())
-        meta["tuned_on"] = _tuned_on(plan, args, data_name, {"seeds": f"{seeds[0]}-{seeds[-1]}", "kind": args.kind})
+        meta["tuned_on"] = _tuned_on(plan, args, data_name, {"seeds": f"{seeds[0]}-{seeds[-1]}", "kind": args.kind, "start": args.start})
         write_calibrated_schedule(out, sched, meta)
         plot_calibration(info, png)
         if not args.quiet:

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         return _sample_toy(args, plan, out, grid_png)
     seeds = args.seeds if args.seeds is not None else list(range(int(plan.meta.get("num_samples", 64))))
     labels = common.parse_labels(args.labels, len(seeds))
+    if labels is not None and plan.cycle_labels:
+        raise UserError("--labels does not apply to a text-to-image pipeline: its prompts come from --prompt-file, in turn over the seeds")
     if labels is not None:
         if not plan.num_classes:
             raise UserError(f"--labels: {plan.name} is an unconditional network")

@@ -31,6 +31,7 @@ from .._atomic import atomic_write
 __all__ = [
     "quantize_adm",
     "quantize_edm",
+    "to_unit_range",
     "IMAGE_EXTENSIONS",
     "load_images",
     "load_npz",
@@ -64,6 +65,21 @@ def quantize_adm(x: torch.Tensor, crop: int | None = None) -> np.ndarray:
 def quantize_edm(x: torch.Tensor) -> np.ndarray:
     """EDM's ``generate.py`` quantisation: ``(x * 127.5 + 128).clip(0, 255)`` -> uint8 NHWC."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def to_unit_range(images: np.ndarray, channels: int, size: int) -> torch.Tensor:
+    """uint8 NHWC images -> float32 NCHW in [-1, 1] (the data space of ADM and EDM models),
+    checked against the model's channels and size."""
+    imgs = np.asarray(images)
+    if imgs.ndim == 3:
+        imgs = imgs[..., None]
+    if imgs.ndim != 4 or imgs.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images [N, H, W, C], got {imgs.dtype} {imgs.shape}")
+    if imgs.shape[-1] != channels:
+        raise ValueError(f"the model takes {channels}-channel images, these have {imgs.shape[-1]}")
+    if imgs.shape[1:3] != (size, size):
+        raise ValueError(f"the model takes {size}x{size} images, these are {imgs.shape[1]}x{imgs.shape[2]}")
+    return torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class DeltaResult(_Record):
 
     ``sigma`` [T'−1]: VE σ of each reported state (steps 1..T'−1; the final σ = 0 state is left
     out). ``target``: √(1−ᾱ) (``units="vp"``) or σ (``"ve"``). ``std``: σ̂, the standard
-    deviation over the N samples of each pixel's residual (unbiased), averaged over pixels.
+    deviation over the N samples of each pixel's residual (divisor N, as ADM-ES), averaged over pixels.
     ``var``: the per-pixel variance averaged over pixels. ``delta`` = (std − target)².
     ``lam`` [T']: λ used at each step's model call (all ones for the baseline). ``nfe``: network
     evaluations spent, counted in images.
@@ -335,8 +335,10 @@ class _TrainingNorms:
 
 def _delta_from_pass(acc: _Pass, grid: torch.Tensor, units: Units, name: str) -> DeltaResult:
     sig = grid[1:-1].clone()
-    std = torch.stack([(m.m2 / (m.n - 1)).sqrt().mean() for m in acc.moments])  # type: ignore[operator]
-    var = torch.stack([(m.m2 / (m.n - 1)).mean() for m in acc.moments])  # type: ignore[operator]
+    # Per-pixel standard deviation over the N samples with divisor N, as ADM-ES computes δ_t
+    # (np.std in its x_t_distribution branches' image_sample.py), then the mean over pixels.
+    std = torch.stack([(m.m2 / m.n).sqrt().mean() for m in acc.moments])  # type: ignore[operator]
+    var = torch.stack([(m.m2 / m.n).mean() for m in acc.moments])  # type: ignore[operator]
     target = (sig**2 / (1 + sig**2)).sqrt() if units == "vp" else sig
     return DeltaResult(
         sigma=sig,
@@ -383,8 +385,9 @@ def delta_t(
        Epsilon Scaling ``lam`` (1 or None: none), continuing the same per-sample generators;
     4. after each step store the residual of the state just reached, x̂_vp − √ᾱ x0 with the ᾱ of
        that state (``units="vp"``), or x̂ − x0 (``"ve"``);
-    5. standard deviation over the N samples per pixel (streamed: per-pixel moments merged batch
-       by batch in float64), then the mean over pixels: σ̂_t;
+    5. standard deviation over the N samples per pixel, with divisor N as ADM-ES's ``np.std``
+       (streamed: per-pixel moments merged batch by batch in float64), then the mean over
+       pixels: σ̂_t;
     6. δ_t = (σ̂_t − √(1−ᾱ_t))² (vp) or (σ̂_t − σ_t)² (ve), for steps 1..T'−1 (the final σ = 0
        state is left out).
 

@@ -301,11 +301,15 @@ def build_plan(
             den = _WithoutLabels(den)  # classifier_sample.py with an unconditional model: the labels steer the classifier only
         scale = next((v for v in (classifier_scale, st.classifier_scale) if v is not None), guided["scale"] if guided else 1.0)
         opts["classifier_grad"] = _classifier(clf_path, {**(guided["classifier_flags"] if guided else {}), **flags}, st.schedule, scale, device)
+    from functools import partial
+
+    from ..data.images import to_unit_range
+
     image_size = int(flags.get("image_size", 64))
     in_ch = int(flags.get("in_channels", 3))
     return SamplingPlan(
         denoiser=den, sigmas=st.schedule.grid(st.respacing), sampler=st.sampler, shape=(in_ch, image_size, image_size), quantize=to_uint8,
         lam=lam, sampler_opts=opts, prior="vp", num_classes=1000 if st.class_cond or "classifier_grad" in opts else None,
-        fingerprint=fingerprint_file(path), name=os.fspath(path), device=device, schedule=st.schedule,
+        fingerprint=fingerprint_file(path), name=os.fspath(path), device=device, schedule=st.schedule, data_space=partial(to_unit_range, channels=in_ch, size=image_size),
         meta={"source": "guided-diffusion", "flags": flags_text, "preset": preset, "num_samples": st.num_samples, "batch_size": st.batch_size, "respacing": st.respacing},
     )

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..hashing import digest_bytes, digest_file, digest_state
+from ..hashing import digest_file, digest_state, digest_tree
 from .fid import FeatureStats
 
 __all__ = [
@@ -276,7 +276,8 @@ def get_extractor(
         return load_inception_extractor(path, device=device)
     if Path(str(name)).is_file():
         ext = TorchScriptFeatures(name, device=device)
-        ext.probe(image_shape or (28, 28, 1))
+        if image_shape is not None:
+            ext.probe(image_shape)
         return ext
     raise ValueError(f"unknown feature extractor {name!r}: expected fmnist, inception, or the path of a TorchScript module")
 
@@ -311,6 +312,8 @@ def feature_stats(
     images = images_to_tensor(images)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(extractor, "dim", 0) < 0 and hasattr(extractor, "probe"):
+        extractor.probe(tuple(images.shape[1:]))  # a user's extractor: its dimension, from these images
     if stats is None:
         stats = FeatureStats(extractor.dim)
     it: Iterable[slice] = _batches(images.shape[0], batch_size)
@@ -353,31 +356,14 @@ def _dataset_key(dataset: str) -> str:
         if root.resolve() == DEFAULT_ROOT.resolve():
             return dataset  # the Debian package's files: the same everywhere
         # Another copy (EPSSCALE_FASHION_MNIST): keyed by its files, like any folder.
-        return f"{dataset}-{_files_digest(root)}"
+        return f"{dataset}-{digest_tree(root)}"
     if not Path(dataset).exists():
         raise ValueError(
             f"unknown dataset {dataset!r}; expected 'fashion-mnist-train', 'fashion-mnist-test', "
             "or the path of an .npz / .zip / image folder"
         )
     p = Path(dataset).resolve()
-    return f"{p.stem}-{_files_digest(p)}"
-
-
-def _chain(*parts: Iterable[bytes]) -> Iterable[bytes]:
-    for part in parts:
-        yield from part
-
-
-def _files_digest(p: Path) -> str:
-    """A digest of a file's or folder's path, and the size and time of every file under it.
-
-    A folder's own size and time do not change when a file in it (or in a subfolder) is
-    replaced, so a folder is keyed by every file under it.
-    """
-    p = p.resolve()
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    entries = (f"|{f.relative_to(p) if f != p else ''}|{f.stat().st_size}|{f.stat().st_mtime_ns}".encode() for f in files)
-    return digest_bytes(_chain([str(p).encode()], entries), 12)
+    return f"{p.stem}-{digest_tree(p)}"
 
 
 def reference_stats(

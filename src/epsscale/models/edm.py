@@ -125,7 +125,9 @@ def build_plan(
     quantised as EDM's ``generate.py`` does.
     """
     from ..adapters import EDMDenoiser
-    from ..data.images import quantize_edm
+    from functools import partial
+
+    from ..data.images import quantize_edm, to_unit_range
     from ..plan import SamplingPlan, choose_lam, fingerprint_file
     from ..schedules import sigmas_karras
 
@@ -169,5 +171,5 @@ def build_plan(
         denoiser=EDMDenoiser(net), sigmas=sigmas, sampler=sampler, shape=shape, quantize=quantize_edm, lam=lam, sampler_opts=opts,
         prior="ve" if aug_dim is None else "pfgmpp", aug_dim=aug_dim, num_classes=int(net.label_dim) or None,
         labels=tuple(labels) if labels is not None and net.label_dim else None, fingerprint=fingerprint_file(path), name=os.fspath(path),
-        device=device, meta={"source": "edm", "preset": preset},
+        device=device, data_space=partial(to_unit_range, channels=shape[0], size=shape[1]), meta={"source": "edm", "preset": preset, "disc": "karras"},
     )

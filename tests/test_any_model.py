@@ -1,0 +1,156 @@
+"""measure, calibrate and sample for every model source, with --data and a TorchScript extractor.
+
+For each source (a guided-diffusion checkpoint, an EDM-format net, a diffusers DDIM pipeline and
+a DiT pipeline, all tiny and made here): ``measure`` writes its curves from the given real images,
+``calibrate`` writes a schedule JSON that records what it was tuned on, and ``sample
+--eps-schedule`` reads it back (and warns, in one line, when it is used with another grid).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from epsscale.cli import main
+from epsscale.scaling import load_schedule
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class Features(torch.nn.Module):
+    """A domain feature extractor a user could bring: uint8 NCHW -> per-channel statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0
+        pooled = torch.nn.functional.avg_pool2d(x, 2)
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)), pooled.amax((2, 3)), pooled.amin((2, 3))], 1)
+
+
+@pytest.fixture(scope="module")
+def extractor(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ext") / "features.pt"
+    torch.jit.save(torch.jit.script(Features()), str(path))
+    return path
+
+
+def _images(n: int, size: int, channels: int, seed: int, labels: bool = False) -> dict:
+    """Smooth random images (not noise), so that the features and the FID have something to see."""
+    g = np.random.default_rng(seed)
+    base = g.normal(size=(n, 4, 4, channels))
+    up = np.kron(base, np.ones((1, size // 4, size // 4, 1)))
+    u8 = np.clip(127.5 + 60 * up + g.normal(scale=10, size=up.shape), 0, 255).astype(np.uint8)
+    return {"arr_0": u8, **({"arr_1": g.integers(0, 10, n)} if labels else {})}
+
+
+def _data(folder: Path, name: str, **kw) -> Path:
+    path = folder / f"{name}.npz"
+    np.savez(path, **_images(**kw))
+    return path
+
+
+def _run(argv: list, capsys) -> tuple[int, str, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the EDM pickle's warning
+        code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, tuple[list, dict]]:
+    """model options and data options of each source."""
+    from conftest import FakeEDMNet
+    from safetensors.torch import load_file
+
+    d = tmp_path_factory.mktemp("sources")
+    out: dict[str, tuple[list, dict]] = {}
+    # guided-diffusion: the tiny ADM fixture as a torch.save checkpoint.
+    torch.save(load_file(str(FIXTURES / "adm_tiny" / "tiny_uncond.safetensors")), d / "adm.pt")
+    flags = json.loads((FIXTURES / "adm_tiny" / "tiny_uncond.json").read_text())
+    flag_text = " ".join(f"--{k} {v}" for k, v in flags.items()) + " --diffusion_steps 1000 --noise_schedule cosine --timestep_respacing 3"
+    out["guided-diffusion"] = (["--guided-diffusion", d / "adm.pt", "--flags", flag_text], {"size": 32, "channels": 3})
+    # EDM: a class-conditional duck-typed net at 3x8x8 (labels come with the data).
+    (d / "edm.pkl").write_bytes(pickle.dumps({"ema": FakeEDMNet()}))
+    out["edm"] = (["--edm", d / "edm.pkl", "--allow-pickle", "--sampler", "euler", "--steps", "3"], {"size": 8, "channels": 3, "labels": True})
+    # diffusers: a DDIM pipeline (pixel space) and a DiT pipeline (latent, class-conditional, learned sigma).
+    from diffusers import AutoencoderKL, DDIMPipeline, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(d / "ddim")
+    out["diffusers-ddim"] = (["--diffusers", d / "ddim", "--sampler", "ddim", "--steps", "3"], {"size": 8, "channels": 3})
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                        sample_size=4, patch_size=2, norm_num_groups=16, num_embeds_ada_norm=10)
+    vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4, sample_size=8,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(d / "dit")
+    out["diffusers-dit"] = (["--diffusers", d / "dit", "--sampler", "ddpm", "--steps", "3"], {"size": 4, "channels": 3, "labels": True})  # the tiny VAE does not downsample
+    return out
+
+
+@pytest.mark.parametrize("source", ["guided-diffusion", "edm", "diffusers-ddim", "diffusers-dit"])
+def test_measure_calibrate_sample_on_any_model(source, sources, extractor, tmp_path, capsys):
+    model, data_kw = sources[source]
+    data = _data(tmp_path, "data", n=24, seed=1, **data_kw)
+
+    # measure: curves from the given real images, ES against lambda = 1.
+    code, out, err = _run(["measure", *model, "--data", data, "--num", "12", "--eps-scale", "1.02", "--quiet", "--out", tmp_path / "m"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "m" / "exposure.json").read_text())
+    assert doc["meta"]["data"] == str(data) and len(doc["delta_t"]["es"]) == len(doc["t"]) >= 1
+    assert all(np.isfinite(doc["eps_norm"]["sampling"])) and doc["delta_t"]["baseline"] != doc["delta_t"]["es"]
+
+    # calibrate: a 3-point FID grid over b with the user's extractor against the user's data.
+    sched_path = tmp_path / "lam.json"
+    code, out, err = _run(["calibrate", *model, "--data", data, "--extractor", extractor, "--search", "grid", "--lo", "0.98", "--hi", "1.02", "--points", "3",
+                           "--fid-num", "12", "--quiet", "--out", sched_path], capsys)
+    assert code == 0, err
+    sched = load_schedule(sched_path)
+    points = {float(k): v for k, v in sched.meta["points"].items()}
+    assert sorted(points) == pytest.approx([0.98, 1.0, 1.02]) and sched.schedule.b == min(points, key=points.get)
+    tuned = sched.meta["tuned_on"]
+    assert tuned["data"] == str(data) and tuned["extractor"].startswith("torchscript-features") and tuned["method"] == "fid"
+    assert tuned["sampler"] == sched.meta["sampler"] and tuned["steps"] == sched.meta["steps"] and tuned["fingerprint"]
+
+    # sample reads the schedule, silently on the grid it was tuned on and with a warning on another.
+    code, out, err = _run(["sample", *model, "--eps-schedule", sched_path, "--seeds", "0-3", "--quiet", "--out", tmp_path / "s.npz"], capsys)
+    assert code == 0 and "warning" not in err, err
+    got = np.load(tmp_path / "s.npz")["arr_0"]
+    assert got.shape == (4, data_kw["size"], data_kw["size"], 3) and got.dtype == np.uint8
+    other = ["--steps", "4"] if source != "guided-diffusion" else []
+    if other:
+        code, out, err = _run(["sample", *model, *other, "--eps-schedule", sched_path, "--seeds", "0-1", "--quiet", "--out", tmp_path / "t.npz"], capsys)
+        assert code == 0 and len(err.strip().splitlines()) == 1 and "tuned for" in err and "4 steps" not in err, err
+
+
+def test_data_of_the_wrong_size_or_channels_is_one_line(sources, tmp_path, capsys):
+    model, _ = sources["diffusers-ddim"]
+    for kw, needle in (({"size": 16, "channels": 3}, "8x8"), ({"size": 8, "channels": 1}, "3-channel")):
+        data = _data(tmp_path, f"bad{kw['size']}{kw['channels']}", n=8, seed=0, **kw)
+        code, out, err = _run(["measure", *model, "--data", data, "--num", "4", "--out", tmp_path / "m"], capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_other_models_need_data(sources, tmp_path, capsys):
+    model, _ = sources["edm"]
+    code, out, err = _run(["measure", *model, "--num", "4", "--out", tmp_path / "m"], capsys)
+    assert code == 2 and "--data" in err, err
+    code, out, err = _run(["calibrate", *model, "--out", tmp_path / "l.json"], capsys)
+    assert code == 2 and "--data" in err, err
+
+
+def test_a_broken_extractor_is_one_line(sources, tmp_path, capsys):
+    model, data_kw = sources["diffusers-ddim"]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not torchscript")
+    data = _data(tmp_path, "data", n=8, seed=0, **data_kw)
+    code, out, err = _run(["calibrate", *model, "--data", data, "--extractor", bad, "--out", tmp_path / "l.json"], capsys)
+    assert code == 2 and "TorchScript" in err and len(err.strip().splitlines()) == 1, err
