@@ -24,12 +24,12 @@ if TYPE_CHECKING:
 
     from .exposure import DeltaResult, EpsNormResult, FidSearchResult
 
-__all__ = ["save_figure", "plot_delta", "plot_eps_norms", "plot_fid_vs_b", "plot_calibration", "save_image_grid", "scatter_points", "panel_grid"]
+__all__ = ["new_figure", "save_figure", "plot_delta", "plot_eps_norms", "plot_fid_vs_b", "plot_calibration", "save_image_grid", "scatter_points", "panel_grid"]
 
 _DPI = 120
 
 
-def _figure(width: float = 5.0, height: float = 3.5, dpi: float = _DPI) -> Figure:
+def new_figure(width: float = 5.0, height: float = 3.5, dpi: float = _DPI) -> Figure:
     """A new Agg-backed figure of ``width`` × ``height`` inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -60,7 +60,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
 
 def plot_delta(result_base: DeltaResult, result_es: DeltaResult | None, path: str | os.PathLike) -> None:
     """δ_t against sampling step (1..T'−1), baseline and ES, log scale; writes a PNG."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     steps = list(range(1, len(result_base.delta) + 1))
     ax.plot(steps, result_base.delta.clamp_min(1e-12).tolist(), "o-", label="baseline", markersize=3)
@@ -79,7 +79,7 @@ def plot_delta(result_base: DeltaResult, result_es: DeltaResult | None, path: st
 
 def plot_eps_norms(result: EpsNormResult, path: str | os.PathLike) -> None:
     """‖ε‖ curves against sampling step: training, sampling, sampling with ES; writes a PNG."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     steps = list(range(len(result.sigma)))
     ax.plot(steps, result.training.tolist(), "k-", label="training")
@@ -108,7 +108,7 @@ def plot_fid_vs_b(points: FidSearchResult | Sequence[tuple[float, float]] | Mapp
     if not pts:
         raise ValueError("no points to plot")
     pts.sort()
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", markersize=4)
     bb, bs = min(pts, key=lambda p: p[1])
@@ -122,7 +122,7 @@ def plot_fid_vs_b(points: FidSearchResult | Sequence[tuple[float, float]] | Mapp
 
 def plot_calibration(info: Any, path: str | os.PathLike) -> None:
     """Norm matching: training vs sampling ε-norm (λ = 1 and calibrated ES), and the chosen λ per σ."""
-    fig = _figure(9, 3.6, dpi=110)
+    fig = new_figure(9, 3.6, dpi=110)
     a, b = fig.subplots(1, 2)
     s = info.sigma.numpy()
     a.plot(s, info.training.numpy(), label="training")
@@ -158,7 +158,7 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, *, ncol: int | 
 
 def scatter_points(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike, reference: np.ndarray | None = None) -> None:
     """2-D point clouds side by side (the toy), optionally over grey reference points."""
-    fig = _figure(4 * len(panels), 4, dpi=110)
+    fig = new_figure(4 * len(panels), 4, dpi=110)
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, pts) in zip(axes[0], panels):
         if reference is not None:
@@ -173,7 +173,7 @@ def scatter_points(panels: Sequence[tuple[str, np.ndarray]], path: str | os.Path
 
 def panel_grid(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike) -> None:
     """One titled square grid of grey-scale images per panel, side by side (the demo)."""
-    fig = _figure(2.2 * len(panels), 2.6, dpi=120)
+    fig = new_figure(2.2 * len(panels), 2.6, dpi=120)
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, ims) in zip(axes[0], panels):
         n = int(math.ceil(math.sqrt(len(ims))))

@@ -312,10 +312,14 @@ def save_schedule(path: str | os.PathLike, schedule: Union[Uniform, Linear, PerS
 def load_schedule(path: str | os.PathLike) -> Calibrated:
     """Read a schedule JSON written by :func:`save_schedule` or ``epsscale calibrate``."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a schedule JSON (epsscale calibrate --out FILE.json writes one)")
     try:
         d = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: no such schedule file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the schedule ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
     return schedule_from_dict(d, str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from contextlib import contextmanager
 from functools import wraps
@@ -317,7 +318,14 @@ def calibrate(args: argparse.Namespace) -> int:
         if args.data is None and not (plan.meta.get("source") == "epsscale" and plan.meta.get("data") == "fashion-mnist"):
             raise UserError("the FID search needs the model's training images as the reference: give --data PATH (a folder of images, an .npz with arr_0 uint8 NHWC, or a zip)")
         ref_stats = reference_stats(ext, ref, progress=not args.quiet)
-        evaluate = fid_objective(plan, num, TUNING_SEED0, args.batch or common.auto_batch(num), ext, ref_stats, progress=not args.quiet)
+        objective = fid_objective(plan, num, TUNING_SEED0, args.batch or common.auto_batch(num), ext, ref_stats, progress=not args.quiet)
+
+        def evaluate(b: float) -> float:
+            fid = objective(b)
+            if not args.quiet:  # one line per measured point, on stderr beside the progress bars
+                print(f"  b = {b:.5g}: FID {fid:.4f} ({num} samples)", file=sys.stderr, flush=True)
+            return fid
+
         cache = common.writable(args.cache, "--cache") if args.cache else out.with_suffix(".points.json")
         # Everything that changes a score: the weights, the grid, the sampler's options, the samples, the reference and the features.
         search_key = {

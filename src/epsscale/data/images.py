@@ -115,6 +115,10 @@ def load_npz(path: PathLike, *, with_labels: bool = False):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:4] != b"PK\x05\x06":
+        raise ValueError(f"{path}: not an .npz file (an .npz is a zip archive of arrays; expected arr_0 with uint8 NHWC images)")
     try:
         with np.load(path, allow_pickle=False) as data:
             if "arr_0" not in data.files:

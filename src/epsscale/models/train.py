@@ -360,15 +360,24 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def export_model(run_dir: str | os.PathLike, out_prefix: str | os.PathLike, *, extra: dict | None = None) -> tuple[Path, Path]:
-    """Write the EMA weights as ``<prefix>.safetensors`` and the config as ``<prefix>.json``."""
+def export_model(run_dir: str | os.PathLike, out_prefix: str | os.PathLike, *, extra: dict | None = None, step: int | None = None) -> tuple[Path, Path]:
+    """Write the EMA weights as ``<prefix>.safetensors`` and the config as ``<prefix>.json``.
+
+    ``step``: the EMA weights of that snapshot (``snapshots/ema_stepNNNNNN.safetensors``)
+    instead of the run's latest.
+    """
     from safetensors.torch import load_file
     from safetensors.torch import save as save_safetensors
 
     run = Path(run_dir)
     cfg = json.loads((run / "train_config.json").read_text())
     log = json.loads((run / "loss.json").read_text())
-    weights = load_file(str(run / "ema.safetensors"))
+    source = run / "ema.safetensors" if step is None else run / "snapshots" / f"ema_step{step:06d}.safetensors"
+    if not source.is_file():
+        raise ValueError(f"{source}: no such EMA weights" + ("" if step is None else " (was the run trained with --snapshot-every?)"))
+    weights = load_file(str(source))
+    if step is not None:
+        log = [e for e in log if e["step"] <= step]
     out = Path(out_prefix)
     meta = {
         "format": "epsscale.model/1",
@@ -379,7 +388,7 @@ def export_model(run_dir: str | os.PathLike, out_prefix: str | os.PathLike, *, e
         "prediction": "eps",
         "learn_sigma": bool(cfg["flags"].get("learn_sigma", False)),
         "data": "fashion-mnist",
-        "crop": 28,
+        "crop": min(28, int(cfg["flags"].get("image_size", 28))),  # Fashion-MNIST is 28 px; a bigger net pads it
         "training": {**{k: cfg[k] for k in ("batch_size", "lr", "steps", "ema_decay", "input_perturbation", "seed") if k in cfg}, "lr_schedule": cfg.get("lr_schedule", "constant"), "steps_done": log[-1]["step"] if log else 0, "final_loss": log[-1] if log else None},
         **(extra or {}),
     }
