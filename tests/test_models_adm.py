@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from epsscale.models import ADMUNet, create_adm_model, load_adm_state_dict
-from epsscale.models.adm import AttentionBlock, default_channel_mult, timestep_embedding
+from epsscale.models.adm import default_channel_mult
+from epsscale.models.adm_blocks import AttentionBlock, timestep_embedding
 
 torch.set_num_threads(1)
 

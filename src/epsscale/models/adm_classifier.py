@@ -28,21 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epsscale.models.adm import (
-    ADM_FLAG_DEFAULTS,
-    NON_MODEL_FLAGS,
-    AttentionBlock,
-    Downsample,
-    GroupNorm32,
-    ResBlock,
-    TimestepEmbedSequential,
-    flag_bool,
-    flag_int,
-    flag_list,
-    zeroed,
-    default_channel_mult,
-    timestep_embedding,
-)
+from epsscale.models.adm import ADM_FLAG_DEFAULTS, NON_MODEL_FLAGS, default_channel_mult, flag_bool, flag_int, flag_list
+from epsscale.models.adm_blocks import AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepEmbedSequential, timestep_embedding, zeroed
 from epsscale.schedules import VPSchedule
 
 __all__ = [
