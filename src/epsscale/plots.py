@@ -22,7 +22,9 @@ from ._atomic import atomic_write
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .exposure import DeltaResult, EpsNormResult, FidSearchResult
+# The exposure records drawn here (DeltaResult, EpsNormResult, FidSearchResult) are duck-typed:
+# this module sits below epsscale.exposure and does not import it.
+DeltaResult = EpsNormResult = FidSearchResult = Any
 
 __all__ = ["new_figure", "save_figure", "plot_delta", "plot_eps_norms", "plot_fid_vs_b", "plot_calibration", "save_image_grid", "scatter_points", "panel_grid"]
 
