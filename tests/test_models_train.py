@@ -1,6 +1,7 @@
 """The trainer: the hybrid loss's identities, resumption, export and loading."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,37 @@ def test_snapshots_and_fork(tmp_path):
         train(TrainConfig(**{**SMALL, "input_perturbation": 0.1}), tmp_path / "ip", progress=False, init_from=run / "snapshots" / "checkpoint_step000004.pt")
     with pytest.raises(ValueError, match="no such checkpoint"):
         train(TrainConfig(**SMALL), tmp_path / "x", progress=False, init_from=tmp_path / "nope.pt")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
+def test_gpu_train_script_at_toy_size_on_the_cpu(tmp_path):
+    """scripts/gpu_train.sh trains, exports and packs the run in parts under 16 MiB; a second call resumes from them."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "STEPS": "4", "BATCH": "2", "SNAPSHOT": "2", "KEEP": "2 4", "DEVICE": "cpu", "MINUTES": "0",
+           "DATA": "/usr/share/datasets/fashion-mnist", "OUT": str(tmp_path / "out"), "RUN": "runs/gpu", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(root / "src")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "src").symlink_to(root / "src")
+
+    def call() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(root / "scripts" / "gpu_train.sh")], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    first = call()
+    assert first.returncode == 0, first.stdout + first.stderr
+    out = tmp_path / "out"
+    parts = sorted(out.glob("run.tgz.part-*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts) and len(list(out.iterdir())) <= 8
+    assert load_model(out / "model").config["training"]["steps_done"] == 2  # MINUTES=0: it stops after the first save (the snapshot at step 2)
+    import shutil
+
+    shutil.rmtree(work / "runs")  # a fresh machine: only the returned files are left
+    env["MINUTES"] = "10"
+    second = call()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert json.loads((out / "loss.json").read_text())[-1]["step"] == 4
+    assert load_model(out / "model").config["training"]["steps_done"] == 4

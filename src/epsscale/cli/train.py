@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     common.set_threads(args)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup, ema_decay=args.ema, input_perturbation=args.input_perturbation, seed=args.seed, data=args.data)
     try:
-        run_dir = train(cfg, args.run_dir, progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes else None, snapshot_every=args.snapshot_every, init_from=args.init_from, device=args.device)
+        run_dir = train(cfg, args.run_dir, progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes is not None else None, snapshot_every=args.snapshot_every, init_from=args.init_from, device=args.device)
     except TrainingInterrupted as e:
         common.warn(str(e))
         return 130

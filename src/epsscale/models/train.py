@@ -287,6 +287,7 @@ def train(
         if path == ckpt_path:
             atomic_write(run / "ema.safetensors", lambda f: f.write(save_safetensors({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})))
             atomic_write_text(run / "loss.json", json.dumps(log) + "\n")
+            atomic_write_text(run / "state.json", json.dumps({"step": step}) + "\n")  # the step ema.safetensors is at
 
     def snapshot() -> None:
         snaps = run / "snapshots"
@@ -335,14 +336,19 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{acc['loss'][-1]:.4f}")
 
+            saved = False
             if step % cfg.save_every == 0 or step == cfg.steps:
                 log.append({"step": step, **{k: float(np.mean(v)) for k, v in acc.items()}, "lr": learning_rate(cfg, step - 1), "time": time.time()})
                 acc = {k: [] for k in acc}
                 save()
-                if snapshot_every and step % snapshot_every == 0:
-                    snapshot()
-                if max_seconds is not None and time.time() - start > max_seconds:
-                    break
+                saved = True
+            if snapshot_every and step % snapshot_every == 0:
+                if not saved:  # between checkpoints: save one first
+                    save()
+                    saved = True
+                snapshot()
+            if saved and max_seconds is not None and time.time() - start > max_seconds:  # stop after a save
+                break
             if stop:
                 save()
                 raise TrainingInterrupted(step, run)
@@ -373,6 +379,10 @@ def export_model(run_dir: str | os.PathLike, out_prefix: str | os.PathLike, *, e
     cfg = json.loads((run / "train_config.json").read_text())
     log = json.loads((run / "loss.json").read_text())
     source = run / "ema.safetensors" if step is None else run / "snapshots" / f"ema_step{step:06d}.safetensors"
+    if step is None and (run / "state.json").is_file():
+        step_done = int(json.loads((run / "state.json").read_text())["step"])
+    else:
+        step_done = step if step is not None else (log[-1]["step"] if log else 0)
     if not source.is_file():
         raise ValueError(f"{source}: no such EMA weights" + ("" if step is None else " (was the run trained with --snapshot-every?)"))
     weights = load_file(str(source))
@@ -389,7 +399,7 @@ def export_model(run_dir: str | os.PathLike, out_prefix: str | os.PathLike, *, e
         "learn_sigma": bool(cfg["flags"].get("learn_sigma", False)),
         "data": "fashion-mnist",
         "crop": min(28, int(cfg["flags"].get("image_size", 28))),  # Fashion-MNIST is 28 px; a bigger net pads it
-        "training": {**{k: cfg[k] for k in ("batch_size", "lr", "steps", "ema_decay", "input_perturbation", "seed") if k in cfg}, "lr_schedule": cfg.get("lr_schedule", "constant"), "steps_done": log[-1]["step"] if log else 0, "final_loss": log[-1] if log else None},
+        "training": {**{k: cfg[k] for k in ("batch_size", "lr", "steps", "ema_decay", "input_perturbation", "seed") if k in cfg}, "lr_schedule": cfg.get("lr_schedule", "constant"), "steps_done": step_done, "final_loss": log[-1] if log else None},
         **(extra or {}),
     }
     st = out.with_suffix(".safetensors")
