@@ -84,6 +84,24 @@ def test_choice_is_per_sample_and_uses_the_unbiased_variance():
     assert [brute_force_tau(float(b), 500, 40) for b in biased] != [480, 510]
 
 
+class Plateau(VPSchedule):
+    """The linear schedule with 1 - abar flat over timesteps 500..519: every one of them ties."""
+
+    @property
+    def alphas_cumprod(self):
+        a = super().alphas_cumprod.clone()
+        a[500:520] = a[510]
+        return a
+
+
+def test_ties_go_to_the_smaller_tau():
+    ts = TimeShift(Plateau("linear"), 40, 0)
+    v = 1 - Plateau("linear").alphas_cumprod[510]
+    x = state_with_variance(torch.stack([v, v * (1 + 1e-9), v * (1 - 1e-9)]))
+    assert ts.choose(x, 510).tolist() == [500, 500, 500]
+    assert ts.choose(x, 525).tolist() == [505, 505, 505]  # window [505, 545]: its smallest tied tau
+
+
 def test_window_never_reaches_the_next_planned_level():
     """Our guard: tau stays above the planned timestep of the step's end (only binds for windows wider than 2 strides)."""
     ts = TimeShift(SCH, 200, 0)
