@@ -113,9 +113,10 @@ class StepInfo:
     """What a sampler shows after a step's first model call.
 
     ``sigma`` is where the model was evaluated (``sigma_hat`` when churn is on; a per-sample
-    tensor [N] on a step that Time-Shift moved) and ``x`` the input there; ``denoised`` is the (scaled, clipped) x0 and ``eps = (x - denoised) / sigma``
-    the effective noise prediction. ``x_next`` is the state after the step. Tensors are not
-    copied: clone them if you keep them past the callback.
+    tensor [N] on a step that Time-Shift moved) and ``x`` the input there; ``denoised`` is the
+    (scaled, clipped) x0 and ``eps = (x - denoised) / sigma`` the effective noise prediction.
+    ``x_next`` is the state after the step (after DCW's correction). Tensors are not copied:
+    clone them if you keep them past the callback.
     """
 
     index: int
