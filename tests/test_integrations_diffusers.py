@@ -54,7 +54,7 @@ from epsscale.integrations.diffusers import (  # noqa: E402
     apply_epsilon_scaling,
     remove_epsilon_scaling,
 )
-from epsscale.scaling import Calibrated, Linear, PerSigma, Uniform  # noqa: E402
+from epsscale.scaling import TSR, Calibrated, Linear, PerSigma, Uniform  # noqa: E402
 
 torch.set_num_threads(1)
 diffusers_logging.set_verbosity_error()
@@ -458,6 +458,34 @@ def test_ddim_persigma_after_scheduler_swap_matches_hand_loop(ddim_pipe):
     finally:
         handle.remove()
         ddim_pipe.scheduler = original
+
+
+def test_ddim_tsr_matches_hand_loop_that_multiplies_eps_by_r(ddim_pipe):
+    """TSR (an ES schedule, lambda = 1/r) on a DDIM pipeline = the official TSR_DDIMScheduler:
+    eps *= r with r = (abar s^2 + 1 - abar) / (abar s^2 / k + 1 - abar) at the step's timestep."""
+    k, s, steps = 0.8, 1.0, 4
+    sched, unet = ddim_pipe.scheduler, ddim_pipe.unet
+    g = gen()
+    x = randn_tensor((1, 3, 8, 8), generator=g, dtype=torch.float32)
+    sched.set_timesteps(steps)
+    want = []
+    with torch.no_grad():
+        for t in sched.timesteps:
+            want.append(x.clone())
+            abar = float(sched.alphas_cumprod[t])
+            r = (abar * s**2 + 1 - abar) / (abar * s**2 / k + 1 - abar)
+            x = sched.step(unet(x, t).sample * r, t, x, eta=0.0, generator=g).prev_sample
+    want_img = (x / 2 + 0.5).clamp(0, 1)
+
+    base = images(ddim_pipe, num_inference_steps=steps, output_type="pt")
+    rec = InputRecorder(unet)
+    with apply_epsilon_scaling(ddim_pipe, TSR(k, s)) as handle:
+        got_img = images(ddim_pipe, num_inference_steps=steps, output_type="pt")
+        assert float(handle.last_lam[0]) == pytest.approx(1 / k, rel=1e-3)  # the last step is nearly clean: r -> k
+    assert_same_trajectory(rec.remove(), want)
+    # float32 network and scheduler on both sides; the two loops round r in different orders.
+    torch.testing.assert_close(got_img, want_img, **TOL)
+    assert (got_img - base).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

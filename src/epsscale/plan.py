@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .samplers import SAMPLERS, StackedGenerator, nfe, prior
-from .scaling import Calibrated, EpsScaled, ScheduleLike, eps_scaling, load_schedule
+from .scaling import Calibrated, EpsScaled, ScheduleLike, eps_scaling, is_schedule_spec, load_schedule, parse_schedule_spec
 
 __all__ = ["SamplingPlan", "choose_lam", "schedule_mismatch", "fingerprint_file"]
 
@@ -195,12 +195,16 @@ def choose_lam(
     In order: the user's ``--eps-scale`` or ``--eps-schedule`` (one of them), or the λ that the
     user pasted into a checkpoint's own flags (ADM-ES's ``--eps_scaler``); then a preset's λ;
     else 1 (ES off). Giving λ twice is a ``ValueError``.
+
+    ``eps_schedule`` is a schedule JSON file, or a compact spec: ``"tsr"`` or a string that
+    starts with ``"tsr:"`` (``tsr:k=0.95,sigma=1``, :func:`epsscale.scaling.parse_schedule_spec`)
+    is read as Temporal Score Rescaling, never as a file name.
     """
     if eps_scale is not None and eps_schedule is not None:
         raise ValueError("give lambda once: --eps-scale or --eps-schedule")
     explicit: ScheduleLike | None = eps_scale
     if eps_schedule is not None:
-        explicit = load_schedule(eps_schedule)
+        explicit = parse_schedule_spec(eps_schedule) if is_schedule_spec(eps_schedule) else load_schedule(eps_schedule)  # type: ignore[arg-type]
     if explicit is not None and checkpoint is not None:
         raise ValueError("give lambda once: either --eps_scaler inside --flags or --eps-scale/--eps-schedule")
     if explicit is not None:

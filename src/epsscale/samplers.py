@@ -14,6 +14,15 @@
 
 Samplers never branch on the prediction type and never apply Epsilon Scaling themselves: pass
 a denoiser wrapped by :func:`epsscale.eps_scaling`.
+
+Two peer methods plug in as keyword options, each where it acts:
+
+* ``time_shift=`` (:class:`epsscale.timeshift.TimeShift`; ddpm, ddim, euler, heun): the
+  time at which the network is called, chosen per sample from the state's variance. The step
+  then starts from that (per-sample) sigma, so its coefficients broadcast per sample.
+* ``dcw=`` (:class:`epsscale.dcw.DCW`; every sampler): a correction of the state after each step.
+
+With None (or window 0, c = 0) a sampler runs exactly the code it runs without them.
 """
 
 from __future__ import annotations
@@ -25,7 +34,9 @@ from typing import Callable, Iterable, Literal, Protocol, Sequence
 import torch
 
 from .adapters import Denoiser, Prediction, append_dims, as_prediction
+from .dcw import DCW
 from .schedules import check_grid, sigma_to_alpha_bar
+from .timeshift import TimeShift
 
 __all__ = [
     "StackedGenerator",
@@ -101,10 +112,11 @@ class StackedGenerator:
 class StepInfo:
     """What a sampler shows after a step's first model call.
 
-    ``sigma`` is where the model was evaluated (``sigma_hat`` when churn is on) and ``x`` the
-    input there; ``denoised`` is the (scaled, clipped) x0 and ``eps = (x - denoised) / sigma``
-    the effective noise prediction. ``x_next`` is the state after the step. Tensors are not
-    copied: clone them if you keep them past the callback.
+    ``sigma`` is where the model was evaluated (``sigma_hat`` when churn is on; a per-sample
+    tensor [N] on a step that Time-Shift moved) and ``x`` the input there; ``denoised`` is the
+    (scaled, clipped) x0 and ``eps = (x - denoised) / sigma`` the effective noise prediction.
+    ``x_next`` is the state after the step (after DCW's correction). Tensors are not copied:
+    clone them if you keep them past the callback.
     """
 
     index: int
@@ -132,8 +144,9 @@ def _report(callback: Callback | None, i: int, sigma: torch.Tensor, sigma_next: 
 
 
 def _sig(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A scalar sigma as the per-sample vector [N] that denoisers take."""
-    return s.to(x.device).expand(x.shape[0])
+    """A scalar (or per-sample, broadcastable) sigma as the vector [N] that denoisers take."""
+    s = s.to(x.device)
+    return s.expand(x.shape[0]) if s.ndim == 0 else s.reshape(x.shape[0])
 
 
 def _call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> Prediction:
@@ -196,15 +209,18 @@ def ddpm_posterior(
     i: int,
     *,
     variance: Variance = "auto",
+    sigma: torch.Tensor | None = None,
 ) -> DDPMStep:
     """q(x_{t-1} | x_t, x0 = pred.x0) on the chain given by ``sigmas`` at step i (Ho et al. eq. 7).
 
     ``x_vp`` is x_t in VP units. With a respaced chain, t-1 is the next kept step and
     ``beta_t = 1 - abar_t / abar_{t-1}`` (guided-diffusion's respacing). At the last step the
     posterior variance is 0, so, as guided-diffusion does, its log is clipped to that of the
-    step before ("posterior_log_variance_clipped").
+    step before ("posterior_log_variance_clipped"). ``sigma`` replaces the starting level
+    ``sigmas[i]`` (Time-Shift: per sample, broadcastable against x); the target stays
+    ``sigmas[i + 1]``.
     """
-    s, s_next = sigmas[i], sigmas[i + 1]
+    s, s_next = (sigmas[i] if sigma is None else sigma), sigmas[i + 1]
     a_t, a_p = sigma_to_alpha_bar(s), sigma_to_alpha_bar(s_next)
     beta = 1 - a_t / a_p
     post_var = _posterior_variance(s, s_next)
@@ -266,6 +282,8 @@ def ddpm(
     clip: float | None = None,
     classifier_grad: ClassifierGrad | None = None,
     dtype: torch.dtype = torch.float32,
+    time_shift: TimeShift | None = None,
+    dcw: DCW | None = None,
 ) -> torch.Tensor:
     """DDPM ancestral sampling (guided-diffusion's ``p_sample_loop``) on any VP-compatible grid.
 
@@ -276,19 +294,25 @@ def ddpm(
     ``classifier_grad(x_vp, sigma, **cond)`` returns the guidance gradient in VP units (already
     times the guidance scale); the mean shifts by variance * gradient (ADM-G, Dhariwal & Nichol
     2021, Algorithm 1). Epsilon Scaling acts on the model's eps only, never on this gradient.
+    ``time_shift`` and ``dcw``: see the module doc.
     """
     _check_clip(clip)
     sigmas = check_grid(sigmas).to(x.device)
     grid = sigmas.tolist()  # control flow on host floats: no device sync per step
     noise = noise or _GlobalNoise()
+    shift = time_shift.bind(sigmas, x) if time_shift is not None else None
+    fix = dcw.bind(sigmas, x) if dcw is not None else None
     x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
+        shifted = shift(x_vp, i, s) if shift is not None else None
+        if shifted is not None:
+            s = append_dims(shifted, x_vp)  # this step starts at sigma_tau, per sample
 
         # Model call and posterior.
         x_ve, pred = _vp_call(denoiser, x_vp, s, cond)
         pred = pred.replace_x0(_clip(pred.x0, clip))
-        post = ddpm_posterior(pred, x_vp, sigmas, i, variance=variance)
+        post = ddpm_posterior(pred, x_vp, sigmas, i, variance=variance, sigma=None if shifted is None else s)
         mean = post.mean
         if classifier_grad is not None:
             grad = classifier_grad(x_vp, _sig(s, x_vp), **(cond or {}))
@@ -297,8 +321,10 @@ def ddpm(
         # Ancestral step: noise drawn every step, masked on the last.
         z = noise.randn_like(x_vp)
         x_vp = mean + (post.log_variance / 2).exp() * z if grid[i + 1] > 0 else mean
+        if fix is not None:
+            x_vp = fix.vp(x_vp, pred.x0, i)
         if callback is not None:  # the VE state is formed only for a callback
-            _report(callback, i, s, s_next, x_ve, pred.x0, _vp_to_ve(x_vp, s_next))
+            _report(callback, i, s if shifted is None else shifted, s_next, x_ve, pred.x0, _vp_to_ve(x_vp, s_next))
     return _vp_to_ve(x_vp, sigmas[-1])
 
 
@@ -318,11 +344,14 @@ def ddim(
     eta: float = 0.0,
     clip: float | None = None,
     dtype: torch.dtype = torch.float32,
+    time_shift: TimeShift | None = None,
+    dcw: DCW | None = None,
 ) -> torch.Tensor:
     """DDIM with stochasticity ``eta`` (guided-diffusion's ``ddim_sample``), VP state in ``dtype``.
 
     eps is re-derived from the (scaled, clipped) x0, as guided-diffusion does, so Epsilon Scaling
     reaches both the x0 term and the direction term. With eta = 0 this is Euler on the same grid.
+    ``time_shift`` and ``dcw``: see the module doc.
     """
     if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
@@ -330,9 +359,14 @@ def ddim(
     sigmas = check_grid(sigmas).to(x.device)
     grid = sigmas.tolist()  # control flow on host floats: no device sync per step
     noise = noise or _GlobalNoise()
+    shift = time_shift.bind(sigmas, x) if time_shift is not None else None
+    fix = dcw.bind(sigmas, x) if dcw is not None else None
     x_vp = (x.to(torch.float64) * sigma_to_alpha_bar(sigmas[0]).sqrt()).to(dtype)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
+        shifted = shift(x_vp, i, s) if shift is not None else None
+        if shifted is not None:
+            s = append_dims(shifted, x_vp)  # this step starts at sigma_tau, per sample
         a_t, a_p = sigma_to_alpha_bar(s), sigma_to_alpha_bar(s_next)
 
         # Model call; eps re-derived from the final x0: eps = (x_t / sqrt(abar) - x0) / sigma.
@@ -348,8 +382,10 @@ def ddim(
             x_vp = mean + s_eta.to(dtype) * z if grid[i + 1] > 0 else mean
         else:
             x_vp = mean
+        if fix is not None:
+            x_vp = fix.vp(x_vp, x0, i)
         if callback is not None:  # the VE state is formed only for a callback
-            _report(callback, i, s, s_next, x_ve, x0, _vp_to_ve(x_vp, s_next))
+            _report(callback, i, s if shifted is None else shifted, s_next, x_ve, x0, _vp_to_ve(x_vp, s_next))
     return _vp_to_ve(x_vp, sigmas[-1])
 
 
@@ -371,6 +407,8 @@ def _edm(
     s_tmin: float,
     s_tmax: float,
     s_noise: float,
+    time_shift: TimeShift | None = None,
+    dcw: DCW | None = None,
 ) -> torch.Tensor:
     for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
         if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -384,9 +422,20 @@ def _edm(
     steps = len(sigmas) - 1
     # Without churn (or with s_noise = 0) the noise is multiplied by 0 at every step: no draws.
     stochastic = s_churn > 0 and s_noise > 0
+    shift = time_shift.bind(sigmas, x) if time_shift is not None else None
+    fix = dcw.bind(sigmas, x) if dcw is not None else None
     x = x.to(torch.float64)
     for i in range(steps):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
+        shifted = None
+        if shift is not None:
+            # Time-Shift works on the VP state x / sqrt(1 + sigma^2); the step starts at sigma_tau.
+            x_vp = x / (1 + t_cur**2).sqrt()
+            shifted = shift(x_vp, i, t_cur)
+            if shifted is not None:
+                s_tau = append_dims(shifted, x)
+                x = torch.where(s_tau == t_cur, x, x_vp * (1 + s_tau**2).sqrt())
+                t_cur = s_tau
 
         # Increase noise temporarily (churn).
         gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= grid[i] <= s_tmax else 0.0
@@ -406,8 +455,12 @@ def _edm(
             denoised_next = _call(denoiser, x_next, t_next, cond).x0.to(torch.float64)
             d_prime = (x_next - denoised_next) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            if fix is not None:
+                x_next = fix.ve(x_next, denoised_next, i)  # x0 of the step's last call
+        elif fix is not None:
+            x_next = fix.ve(x_next, denoised, i)
 
-        _report(callback, i, t_hat, t_next, x_hat, denoised, x_next)
+        _report(callback, i, t_hat if shifted is None else _sig(t_hat, x), t_next, x_hat, denoised, x_next)
         x = x_next
     return x
 
@@ -424,9 +477,14 @@ def euler(
     s_tmin: float = 0.0,
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
+    time_shift: TimeShift | None = None,
+    dcw: DCW | None = None,
 ) -> torch.Tensor:
-    """Euler (first order) with EDM's churn, float64 stepping. NFE = steps."""
-    return _edm(denoiser, x, sigmas, second_order=False, noise=noise, callback=callback, cond=cond, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    """Euler (first order) with EDM's churn, float64 stepping. NFE = steps.
+
+    ``time_shift`` and ``dcw``: see the module doc (Time-Shift through the sigma <-> t map).
+    """
+    return _edm(denoiser, x, sigmas, second_order=False, noise=noise, callback=callback, cond=cond, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, time_shift=time_shift, dcw=dcw)
 
 
 def heun(
@@ -441,13 +499,17 @@ def heun(
     s_tmin: float = 0.0,
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
+    time_shift: TimeShift | None = None,
+    dcw: DCW | None = None,
 ) -> torch.Tensor:
     """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2). NFE = 2 steps - 1.
 
     gamma = min(s_churn / steps, sqrt(2) - 1) for sigma in [s_tmin, s_tmax]; float64 stepping;
     no correction on the last step. Epsilon Scaling (in ``denoiser``) reaches both evaluations.
+    ``time_shift`` and ``dcw``: see the module doc (a shifted step starts at sigma_tau and its
+    corrector stays at the planned next sigma).
     """
-    return _edm(denoiser, x, sigmas, second_order=True, noise=noise, callback=callback, cond=cond, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    return _edm(denoiser, x, sigmas, second_order=True, noise=noise, callback=callback, cond=cond, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, time_shift=time_shift, dcw=dcw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,13 +525,16 @@ def dpmpp_2m(
     noise: NoiseSource | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
+    dcw: DCW | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), multistep second order in log-SNR, float64 stepping. NFE = steps.
 
-    Deterministic: ``noise`` is accepted like every sampler's and never drawn from.
+    Deterministic: ``noise`` is accepted like every sampler's and never drawn from. ``dcw``:
+    see the module doc (Time-Shift is not offered for this multistep solver).
     """
     sigmas = check_grid(sigmas).to(x.device)
     grid = sigmas.tolist()  # control flow on host floats: no device sync per step
+    fix = dcw.bind(sigmas, x) if dcw is not None else None
     x = x.to(torch.float64)
     prev_x0: torch.Tensor | None = None
     for i in range(len(sigmas) - 1):
@@ -486,6 +551,8 @@ def dpmpp_2m(
                 r = (sigmas[i - 1].log() - s.log()) / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
             x_next = (s_next / s) * x - torch.expm1(-h) * d
+        if fix is not None:
+            x_next = fix.ve(x_next, x0, i)
         _report(callback, i, s, s_next, x, x0, x_next)
         prev_x0 = x0
         x = x_next

@@ -15,7 +15,12 @@ Schedules are small frozen objects:
   last (cleanest) step. Step-indexed, so it must be *bound* to the sampler's sigma grid.
 * :class:`PerSigma` ``(sigmas, lams)``: a table, linearly interpolated in log sigma and held
   constant outside it.
+* :class:`TSR` ``(k, sigma)``: Temporal Score Rescaling, a peer method that is ES with
+  ``lambda = 1 / r(sigma)`` (see its docstring).
 * :class:`Calibrated`: a schedule loaded from JSON together with the numbers that chose it.
+
+On the command line a schedule is a JSON file or a compact spec, ``tsr:k=0.95,sigma=1``
+(:func:`parse_schedule_spec`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "Uniform",
     "Linear",
     "PerSigma",
+    "TSR",
     "Calibrated",
     "Schedule",
     "eps_scaling",
@@ -45,6 +51,8 @@ __all__ = [
     "load_schedule",
     "save_schedule",
     "resolve_schedule",
+    "parse_schedule_spec",
+    "is_schedule_spec",
 ]
 
 SCHEDULE_FORMAT = "epsscale.schedule/1"
@@ -185,32 +193,95 @@ class PerSigma:
 
 
 @dataclass(frozen=True)
+class TSR:
+    """Temporal Score Rescaling as an ES schedule.
+
+    Source: arXiv 2510.01184 (eq. 6 of v1, as ComfyUI's node cites it); official code
+    ``temporalscorerescaling/TSR``, ``TSR_diffusers/TSR_schedulers.py`` (DDIM, flow Euler) and
+    ``TSR_toy/sampler/toy_samplers.py``.
+
+    TSR multiplies the predicted noise (the score up to -1/sigma_t) by::
+
+        r(sigma) = (snr * s^2 + 1) / (snr * s^2 / k + 1),     eps' = r(sigma) * eps
+
+    with ``s`` = ``sigma`` (the std of the Gaussian data model the rescaling is derived from,
+    the official ``psr_sigma``) and ``snr`` the signal-to-noise ratio of the evaluation:
+    ``1 / sigma^2`` for a VE sigma, which is ``abar / (1 - abar)`` for VP and
+    ``((1 - t) / t)^2`` for a rectified-flow time t (VE sigma = t / (1 - t)). So TSR is ES with
+    ``lambda(sigma) = 1 / r(sigma)``; multiplying through by sigma^2::
+
+        lambda(sigma) = (s^2 / k + sigma^2) / (s^2 + sigma^2)
+
+    which needs no special case at sigma = 0 (snr = inf, r = k); at sigma = inf (snr = 0) r = 1.
+    r moves monotonically from 1 (pure noise) to k (clean); ``k = 1`` is the identity, bit for
+    bit. ``k < 1`` shrinks eps like ES with lambda > 1 ("more detail"); a larger ``sigma``
+    makes TSR act earlier (at higher noise).
+
+    Defaults ``k = 0.95, sigma = 1`` are those of the official text-to-image demo notebook
+    (``t2img_demo.ipynb``, SD2 DDIM and SD3 Euler) and of ComfyUI's ``TemporalScoreRescaling``
+    node (``comfy_extras/nodes_eps.py``, PR #10351). Where the official code departs from
+    this: its DDIM scheduler (``TSR_DDIMScheduler.step``) handles epsilon prediction only and
+    rescales eps once per scheduler step at the step's own timestep; its flow scheduler
+    (``TSR_FlowEulerScheduler``) rescales the eps implied by the velocity, skips t = 1 and has
+    ``psr_sigma = 0.1`` and ``k = 1`` as constructor defaults. ComfyUI applies r to the
+    CFG-combined prediction at every model evaluation with one sigma for the batch. Here r is
+    looked up per sample at the sigma of each evaluation (Heun's second call included), like
+    every ES schedule.
+    """
+
+    k: float = 0.95
+    sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("k", "sigma"):
+            v = _number(getattr(self, name), f"TSR: {name}")
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"TSR: {name} must be finite and > 0, got {v!r}")
+            object.__setattr__(self, name, v)
+
+    def bind(self, sigmas: torch.Tensor | None = None) -> "TSR":
+        return self
+
+    def r(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The rescaling factor r(sigma) (float64); k at sigma = 0, 1 at sigma = inf."""
+        return 1 / self.lam(sigma)
+
+    def lam(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        p2 = self.sigma**2
+        s2 = s**2
+        lam = (p2 / self.k + s2) / (p2 + s2)
+        return torch.where(torch.isinf(s), torch.ones_like(lam), lam)
+
+
+@dataclass(frozen=True)
 class Calibrated:
     """A schedule read from JSON, with the metadata (model, sampler, steps, scores) that chose it."""
 
-    schedule: Union[Uniform, Linear, PerSigma]
+    schedule: Union[Uniform, Linear, PerSigma, TSR]
     meta: dict = field(default_factory=dict, compare=False)
 
-    def bind(self, sigmas: torch.Tensor | None = None) -> Union[Uniform, PerSigma]:
+    def bind(self, sigmas: torch.Tensor | None = None) -> Union[Uniform, PerSigma, TSR]:
         return self.schedule.bind(sigmas)
 
 
-ScheduleLike = Union[float, int, Uniform, Linear, PerSigma, Calibrated]
+ScheduleLike = Union[float, int, Uniform, Linear, PerSigma, TSR, Calibrated]
+Lookup = Union[Uniform, PerSigma, TSR]
 
 
-def resolve_schedule(lam: ScheduleLike, sigmas: torch.Tensor | None = None) -> Union[Uniform, PerSigma]:
+def resolve_schedule(lam: ScheduleLike, sigmas: torch.Tensor | None = None) -> Lookup:
     """Turn a float or schedule into a per-sigma lookup, validating it (ValueError if bad)."""
-    if isinstance(lam, (Uniform, Linear, PerSigma, Calibrated)):
+    if isinstance(lam, (Uniform, Linear, PerSigma, TSR, Calibrated)):
         return lam.bind(sigmas)
     if isinstance(lam, (numbers.Real, torch.Tensor)):
         return Uniform(_number(lam, "lambda"))
-    raise ValueError(f"lambda must be a number or a schedule (Uniform, Linear, PerSigma, Calibrated), got {type(lam).__name__}")
+    raise ValueError(f"lambda must be a number or a schedule (Uniform, Linear, PerSigma, TSR, Calibrated), got {type(lam).__name__}")
 
 
 class EpsScaled:
     """``D'(x, sigma) = D + (1 - 1/lambda(sigma)) (x - D)``, i.e. eps / lambda. See module doc."""
 
-    def __init__(self, denoiser: Denoiser, schedule: Union[Uniform, PerSigma]) -> None:
+    def __init__(self, denoiser: Denoiser, schedule: Lookup) -> None:
         self.inner = denoiser
         self.schedule = schedule
         # Let samplers see the wrapped model's sigma range and rounding.
@@ -245,7 +316,7 @@ def eps_scaling(denoiser: Denoiser, lam: ScheduleLike, *, sigmas: torch.Tensor |
 # ---------------------------------------------------------------------------------------------
 
 
-def schedule_to_dict(schedule: Union[Uniform, Linear, PerSigma, Calibrated], meta: dict | None = None) -> dict:
+def schedule_to_dict(schedule: Union[Uniform, Linear, PerSigma, TSR, Calibrated], meta: dict | None = None) -> dict:
     if isinstance(schedule, Calibrated):
         meta = {**schedule.meta, **(meta or {})}
         schedule = schedule.schedule
@@ -255,6 +326,8 @@ def schedule_to_dict(schedule: Union[Uniform, Linear, PerSigma, Calibrated], met
         body = {"type": "linear", "k": float(schedule.k), "b": float(schedule.b)}
     elif isinstance(schedule, PerSigma):
         body = {"type": "per_sigma", "sigmas": list(schedule.sigmas), "lams": list(schedule.lams)}
+    elif isinstance(schedule, TSR):
+        body = {"type": "tsr", "k": float(schedule.k), "sigma": float(schedule.sigma)}
     else:
         raise ValueError(f"cannot serialise {type(schedule).__name__}")
     return {"format": SCHEDULE_FORMAT, **body, "meta": meta or {}}
@@ -291,20 +364,22 @@ def schedule_from_dict(d: Any, source: str = "schedule") -> Calibrated:
 
     try:
         if kind == "uniform":
-            sched: Union[Uniform, Linear, PerSigma] = Uniform(num("b"))
+            sched: Union[Uniform, Linear, PerSigma, TSR] = Uniform(num("b"))
         elif kind == "linear":
             sched = Linear(num("k"), num("b"))
         elif kind == "per_sigma":
             sched = PerSigma(nums("sigmas"), nums("lams"))
+        elif kind == "tsr":
+            sched = TSR(num("k"), num("sigma"))
         else:
-            raise ValueError(f"'type' must be 'uniform', 'linear' or 'per_sigma', got {kind!r}")
+            raise ValueError(f"'type' must be 'uniform', 'linear', 'per_sigma' or 'tsr', got {kind!r}")
     except ValueError as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith(source) else f"{source}: {msg}") from None
     return Calibrated(sched, meta)
 
 
-def save_schedule(path: str | os.PathLike, schedule: Union[Uniform, Linear, PerSigma, Calibrated], meta: dict | None = None) -> None:
+def save_schedule(path: str | os.PathLike, schedule: Union[Uniform, Linear, PerSigma, TSR, Calibrated], meta: dict | None = None) -> None:
     """Write a schedule JSON atomically."""
     atomic_write_text(path, json.dumps(schedule_to_dict(schedule, meta), indent=2) + "\n")
 
@@ -323,3 +398,42 @@ def load_schedule(path: str | os.PathLike) -> Calibrated:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
     return schedule_from_dict(d, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact specs for the command line
+# ---------------------------------------------------------------------------------------------
+
+# kind -> (constructor, the keys it takes)
+_SPECS: dict[str, tuple[Any, tuple[str, ...]]] = {"tsr": (TSR, ("k", "sigma"))}
+
+
+def is_schedule_spec(text: Any) -> bool:
+    """Whether ``text`` is a compact spec (``"tsr"`` or ``"tsr:..."``) rather than a file name."""
+    return isinstance(text, str) and any(text == kind or text.startswith(kind + ":") for kind in _SPECS)
+
+
+def parse_schedule_spec(text: str) -> TSR:
+    """A schedule from a compact spec: ``tsr`` or ``tsr:k=0.95,sigma=1`` (keys optional, any
+    order; defaults k = 0.95, sigma = 1). Every error is a one-line ValueError naming the spec."""
+    if not is_schedule_spec(text):
+        raise ValueError(f"bad schedule spec {text!r}: expected tsr or tsr:k=K,sigma=S")
+    kind, _, rest = text.partition(":")
+    make, keys = _SPECS[kind]
+    values: dict[str, float] = {}
+    for part in rest.split(",") if rest.strip() else []:
+        key, eq, value = (p.strip() for p in part.partition("="))
+        if not eq or not key:
+            raise ValueError(f"bad schedule spec {text!r}: expected key=value pairs like k=0.95, got {part.strip()!r}")
+        if key not in keys:
+            raise ValueError(f"bad schedule spec {text!r}: unknown key {key!r} (expected {' or '.join(keys)})")
+        if key in values:
+            raise ValueError(f"bad schedule spec {text!r}: {key} is given twice")
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise ValueError(f"bad schedule spec {text!r}: {key} must be a number, got {value!r}") from None
+    try:
+        return make(**values)
+    except ValueError as e:
+        raise ValueError(f"bad schedule spec {text!r}: {e}") from None

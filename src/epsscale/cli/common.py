@@ -213,7 +213,7 @@ def auto_batch(n: int, largest: int = MAX_BATCH) -> int:
 
 def format_lam(lam: Any) -> str:
     """λ for a summary line: 5 significant digits, a table as its range."""
-    from ..scaling import Calibrated, Linear, PerSigma, Uniform
+    from ..scaling import TSR, Calibrated, Linear, PerSigma, Uniform
 
     if isinstance(lam, Calibrated):
         lam = lam.schedule
@@ -224,6 +224,8 @@ def format_lam(lam: Any) -> str:
     if isinstance(lam, PerSigma):
         lo, hi = min(lam.lams), max(lam.lams)
         return f"per-sigma table ({len(lam.lams)} knots, lambda {lo:.5g} to {hi:.5g})"
+    if isinstance(lam, TSR):
+        return f"TSR (k = {lam.k:.5g}, sigma = {lam.sigma:.5g})"
     try:
         return f"{float(lam):.5g}"
     except (TypeError, ValueError):
@@ -272,7 +274,7 @@ def add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = 20)
     g.add_argument("--sigma-max", type=positive_float, default=None, help="top of a karras grid (default: the model config's sampling.karras_sigma_max, else 80; capped at the model's)")
     es = g.add_mutually_exclusive_group()
     es.add_argument("--eps-scale", type=lam_float, default=None, metavar="B", help="uniform Epsilon Scaling lambda: eps / B (default: 1, off; a preset's with --preset)")
-    es.add_argument("--eps-schedule", default=None, metavar="FILE", help="a schedule JSON (from epsscale calibrate)")
+    es.add_argument("--eps-schedule", default=None, metavar="FILE|SPEC", help="a schedule JSON (from epsscale calibrate), or Temporal Score Rescaling as tsr or tsr:k=0.95,sigma=1 (lambda = 1/r(sigma))")
     g.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM's stochasticity eta (ddim only)")
     g.add_argument("--clip", type=positive_float, default=1.0, help="clip x0 to [-c, c] (ddpm and ddim; ADM: 1)")
     g.add_argument("--no-clip", dest="clip", action="store_const", const=None, help="do not clip x0 (ddpm and ddim)")
@@ -280,6 +282,11 @@ def add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = 20)
     g.add_argument("--s-tmin", type=nonneg_float, default=0.0, help="EDM's S_tmin (euler, heun)")
     g.add_argument("--s-tmax", type=tmax_float, default=float("inf"), help="EDM's S_tmax (euler, heun)")
     g.add_argument("--s-noise", type=nonneg_float, default=1.0, help="EDM's S_noise (euler, heun)")
+    peers = p.add_argument_group("peer methods (compose with Epsilon Scaling)")
+    peers.add_argument("--time-shift", action="store_true", help="Time-Shift sampling (Li et al., ICLR 2024): call the network at the timestep whose 1 - abar is nearest the state's variance (ddpm, ddim, euler, heun; discrete VP models)")
+    peers.add_argument("--ts-window", type=nonneg_int, default=None, metavar="W", help="with --time-shift: search window in original timesteps (default: the paper's for the step count: 40/30/8/2 at 10/20/50/100 steps, the nearest count otherwise; 0 = off)")
+    peers.add_argument("--ts-cutoff", type=nonneg_int, default=None, metavar="C", help="with --time-shift: no shift once the planned timestep is <= C (default: 300, 200 at 10 steps)")
+    peers.add_argument("--dcw", type=nonneg_float, default=None, metavar="C", help="DCW (arXiv 2604.16044): after each step move the state's Haar LL band away from x0 by C sigma_i / sigma_max (images with even height and width; 0 = off; the official script uses 0.005)")
     p.set_defaults(_default_steps=default_steps)
 
 
@@ -295,7 +302,8 @@ def given_sampler_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def sampler_options(args: argparse.Namespace, sampler: str) -> dict[str, Any]:
     """The keyword options of ``sampler`` from the command line; a changed option that the
-    sampler does not take is a one-line warning."""
+    sampler does not take is a one-line warning. (The peer methods' options, which need the
+    model's schedule and sample shape, are added to every plan by :func:`peer_options`.)"""
     opts: dict[str, Any] = {}
     if sampler in VP_SAMPLERS and args.clip is not None:
         opts["clip"] = args.clip
@@ -365,14 +373,60 @@ def _refuse_foreign(args: argparse.Namespace, source: str) -> None:
         raise UserError("--classifier-scale needs --classifier CKPT")
 
 
+PEER_SAMPLERS = ("ddpm", "ddim", "euler", "heun")  # the samplers that take time_shift
+
+
+def _check_peer_args(args: argparse.Namespace, source: str) -> None:
+    """The peer options that are wrong whatever the model (before any model is loaded)."""
+    if not getattr(args, "time_shift", False):
+        given = [opt for opt, dest in (("--ts-window", "ts_window"), ("--ts-cutoff", "ts_cutoff")) if getattr(args, dest, None) is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} --time-shift")
+    elif source in ("edm", "toy", "diffusers"):
+        raise UserError(f"--time-shift needs a discrete VP model (an epsscale model or --guided-diffusion), not {'--model toy' if source == 'toy' else '--' + source}")
+
+
+def peer_options(args: argparse.Namespace, plan: Any) -> Any:
+    """``plan`` with the peer methods of the command line in its ``sampler_opts`` (so that a
+    resumable run's manifest records them): ``time_shift`` (a :class:`~epsscale.timeshift.TimeShift`
+    on the plan's VP schedule, the paper's window and cutoff for the step count unless given)
+    and ``dcw`` (:class:`~epsscale.dcw.DCW`; ``--dcw 0`` adds nothing). Refusals are one line."""
+    extra: dict[str, Any] = {}
+    if getattr(args, "time_shift", False):
+        from ..timeshift import TimeShift
+
+        if plan.schedule is None:
+            raise UserError("--time-shift needs a discrete VP model")
+        if plan.sampler not in PEER_SAMPLERS:
+            raise UserError(f"--time-shift works with --sampler {', '.join(PEER_SAMPLERS)}, not {plan.sampler}")
+        T = plan.schedule.num_timesteps
+        if args.ts_cutoff is not None and args.ts_cutoff > T - 1:
+            raise UserError(f"--ts-cutoff must be in [0, {T - 1}] (a timestep of the model's schedule), got {args.ts_cutoff}")
+        extra["time_shift"] = TimeShift.for_steps(plan.schedule, plan.steps, window=args.ts_window, cutoff=args.ts_cutoff)
+    if getattr(args, "dcw", None):
+        from ..dcw import DCW
+
+        shape = tuple(plan.shape)
+        if len(shape) < 3 or shape[-1] % 2 or shape[-2] % 2:
+            raise UserError(f"--dcw needs images with an even height and width; {plan.name or 'this model'} makes samples of shape {shape}")
+        extra["dcw"] = DCW(args.dcw)
+    return plan.replace(sampler_opts={**plan.sampler_opts, **extra}) if extra else plan
+
+
 def build_plan(args: argparse.Namespace, *, for_data: bool = False) -> Any:
     """The run the options describe, from whichever model source they name.
 
     Builders raise ``ValueError`` for settings that cannot apply; they reach the user as one line.
     ``for_data``: the plan is for measure/calibrate, which need no --seeds or --labels here.
+    The peer methods' options are added last (:func:`peer_options`).
     """
     source = source_of(args)
     _refuse_foreign(args, source)
+    _check_peer_args(args, source)
+    return peer_options(args, _build_plan(args, source))
+
+
+def _build_plan(args: argparse.Namespace, source: str) -> Any:
     dev = device()
     steps = args.steps if args.steps is not None else args._default_steps
     if source == "guided-diffusion":

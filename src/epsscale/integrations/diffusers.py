@@ -4,7 +4,7 @@
 
     from epsscale.integrations.diffusers import apply_epsilon_scaling
 
-    handle = apply_epsilon_scaling(pipe, 1.005)      # or Uniform / Linear / PerSigma / Calibrated
+    handle = apply_epsilon_scaling(pipe, 1.005)      # or Uniform / Linear / PerSigma / TSR / Calibrated
     images = pipe(...).images                        # every later call of pipe uses ES
     handle.remove()                                  # or remove_epsilon_scaling(pipe)
 
@@ -89,8 +89,10 @@ Noise level of an evaluation
 * Others (DDPM, DDIM, PNDM, LCM, TCD): ``sigma = sqrt((1 - abar_t) / abar_t)`` at the call's
   integer timestep, per sample.
 
-Epsscale ``PerSigma`` schedules are looked up at that sigma (VE units, as everywhere in
-epsscale). A step-indexed ``Linear`` schedule is bound lazily: at the first denoiser call after
+Epsscale ``PerSigma`` and ``TSR`` schedules are looked up at that sigma (VE units, as everywhere in
+epsscale). For TSR (lambda = 1 / r) this reproduces the official ``TSR_DDIMScheduler``, which
+multiplies eps by r at ``alphas_cumprod[timestep]`` of the step, and its flow Euler scheduler,
+which rescales the eps implied by the velocity with snr = ((1 - t) / t)^2 (flow_mode="eps"). A step-indexed ``Linear`` schedule is bound lazily: at the first denoiser call after
 each ``set_timesteps`` (detected by the identity of ``scheduler.timesteps``) it is turned into a
 ``PerSigma`` over the distinct sigmas at which the scheduler evaluates the network, i = 0 being
 the last (cleanest). A multistage step (Heun) counts once; PNDM's Runge-Kutta warm-up levels and
@@ -121,12 +123,13 @@ from typing import Any, Literal, Sequence, Union
 import torch
 from torch import nn
 
-from ..scaling import Calibrated, Linear, PerSigma, Uniform, resolve_schedule
+from ..scaling import TSR, Calibrated, Linear, PerSigma, Uniform, resolve_schedule
 
 __all__ = ["apply_epsilon_scaling", "remove_epsilon_scaling", "EpsilonScalingHandle"]
 
 FlowMode = Literal["eps", "velocity"]
-LamLike = Union[float, int, Uniform, Linear, PerSigma, Calibrated]
+LamLike = Union[float, int, Uniform, Linear, PerSigma, TSR, Calibrated]
+Lookup = Union[Uniform, PerSigma, TSR]
 
 # Attribute names under which diffusers pipelines keep their denoiser(s). Wan 2.2 keeps a second
 # (low-noise) expert in ``transformer_2``.
@@ -359,7 +362,7 @@ def _is_step_indexed(lam: Any) -> bool:
     return isinstance(lam, Linear) or (isinstance(lam, Calibrated) and isinstance(lam.schedule, Linear))
 
 
-def _check_schedule(lam: Any) -> tuple[Any, Union[Uniform, PerSigma, None]]:
+def _check_schedule(lam: Any) -> tuple[Any, Union[Lookup, None]]:
     """Validate ``lam``; return (schedule, per-sigma lookup or None if it needs the grid)."""
     if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
         lam = float(lam)
@@ -411,7 +414,7 @@ class EpsilonScalingHandle:
         pipe: Any,
         modules: list[tuple[str, nn.Module]],
         lam: Any,
-        lookup: Union[Uniform, PerSigma, None],
+        lookup: Union[Lookup, None],
         flow_mode: FlowMode,
         eps_channels: int | None,
     ) -> None:
@@ -422,7 +425,7 @@ class EpsilonScalingHandle:
         self.last_sigma: torch.Tensor | None = None
         self.last_lam: torch.Tensor | None = None
         self._lookup = lookup
-        self._bound: tuple[Any, Any, Union[Uniform, PerSigma]] | None = None
+        self._bound: tuple[Any, Any, Lookup] | None = None
         self._plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool] | None = None
         self._active = True
 
@@ -487,7 +490,7 @@ class EpsilonScalingHandle:
 
     # -- lambda lookup --------------------------------------------------------------------------
 
-    def _schedule_for(self, scheduler: Any, kind: str) -> Union[Uniform, PerSigma]:
+    def _schedule_for(self, scheduler: Any, kind: str) -> Lookup:
         if self._lookup is not None:
             return self._lookup
         ts = getattr(scheduler, "timesteps", None)
@@ -577,7 +580,7 @@ def apply_epsilon_scaling(
     """Install Epsilon Scaling on a diffusers pipeline, for all its later calls.
 
     ``lam``: a number (uniform lambda) or an epsscale schedule (``Uniform``, ``Linear``,
-    ``PerSigma``, ``Calibrated``), looked up per call at the VE sigma of the evaluation.
+    ``PerSigma``, ``TSR``, ``Calibrated``), looked up per call at the VE sigma of the evaluation.
     ``flow_mode``: for flow-matching schedulers, ``"eps"`` (ES of the implied eps, default) or
     ``"velocity"`` (``u / lambda``, ComfyUI's convention); ignored otherwise. ``component``: the
     denoiser attribute(s) to hook; default every one of ``unet``, ``transformer`` and
