@@ -382,8 +382,8 @@ def _check_peer_args(args: argparse.Namespace, source: str) -> None:
         given = [opt for opt, dest in (("--ts-window", "ts_window"), ("--ts-cutoff", "ts_cutoff")) if getattr(args, dest, None) is not None]
         if given:
             raise UserError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} --time-shift")
-    elif source in ("edm", "toy", "diffusers"):
-        raise UserError(f"--time-shift needs a discrete VP model (an epsscale model or --guided-diffusion), not {'--model toy' if source == 'toy' else '--' + source}")
+    elif source in ("edm", "toy"):
+        raise UserError(f"--time-shift needs a discrete VP model (an epsscale model, --guided-diffusion or --diffusers), not {'--model toy' if source == 'toy' else '--' + source}")
 
 
 def peer_options(args: argparse.Namespace, plan: Any) -> Any:
