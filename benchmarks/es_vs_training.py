@@ -47,7 +47,8 @@ def export(run_dir: Path, models: Path, step: int) -> Path:
 
 def grid_search(model: Path, sampler: str, steps: int, num: int, batch: int, cache: Path, lo: float = 0.98, hi: float = 1.03, points: int = 6, max_extend: int = 6):
     """The cached FID grid over b for one checkpoint and sampler (extended past an end minimum)."""
-    from epsscale.exposure import fid_objective, fid_search
+    from _common import grid_to_interior_minimum
+    from epsscale.exposure import fid_objective
     from epsscale.exposure.search import TUNING_SEED0
     from epsscale.metrics import get_extractor, reference_stats
     from epsscale.models.pretrained import build_plan
@@ -57,15 +58,7 @@ def grid_search(model: Path, sampler: str, steps: int, num: int, batch: int, cac
     ext = get_extractor("fmnist")
     evaluate = fid_objective(plan, num, TUNING_SEED0, batch, ext, reference_stats(ext, "fashion-mnist-train"))
     key = {"model": model.name, "sampler": sampler, "disc": disc, "steps": steps, "num": num}
-    res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
-    spacing = (hi - lo) / (points - 1)
-    for _ in range(max_extend):
-        if res.best_b not in (lo, hi):
-            break
-        lo, hi = (lo - spacing, hi) if res.best_b == lo else (lo, hi + spacing)
-        points += 1
-        res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
-    return res
+    return grid_to_interior_minimum(evaluate, lo, hi, points, cache, key, max_extend)[0]
 
 
 def rows(cache_dir: Path, total: int) -> list[dict]:
@@ -144,14 +137,9 @@ def main() -> int:
     if rs:
         plot(rs, HERE / "es_vs_training.png")
     if args.write_results:
-        from epsscale._atomic import atomic_write_text
+        from _common import write_between_markers
 
-        path = HERE / "RESULTS.md"
-        head, sep, rest = path.read_text().partition(BEGIN)
-        _, sep2, tail = rest.partition(END)
-        if not (sep and sep2):
-            raise SystemExit(f"error: {path} has no {BEGIN} ... {END} markers")
-        atomic_write_text(path, f"{head}{BEGIN}\n{text}\n{END}{tail}")
+        write_between_markers(HERE / "RESULTS.md", BEGIN, END, text)
     return 0
 
 

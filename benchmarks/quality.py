@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import grid_to_interior_minimum, write_between_markers  # noqa: E402
 
 from epsscale._atomic import atomic_write_text
 from epsscale.models.pretrained import shipped_discretisation as demo_discretisation, shipped_sampler_options as demo_sampler_options
@@ -93,7 +97,6 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     result and how many grid points were newly evaluated in all.
     """
     from epsscale.exposure.search import TUNING_SEED0
-    from epsscale.exposure import fid_search
 
     evaluate = evaluator(model, sampler, steps, num, TUNING_SEED0, batch, "fashion-mnist-train", device=device, karras_sigma_max=karras_sigma_max)
     tune_dir.mkdir(parents=True, exist_ok=True)
@@ -101,18 +104,8 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     moved = not is_demo_grid(sampler, label)
     cache = tune_dir / (f"{sampler}_{label}_{steps}_{num}.json" if moved else f"{sampler}_{steps}_{num}.json")
     key = {"sampler": sampler, "steps": steps, "num": num, **({"grid": label} if moved else {})}
-    res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
-    new = res.new_evaluations
-    # A minimum on the edge of the grid is not a minimum: extend by one spacing at a time.
-    step = (hi - lo) / (points - 1)
-    for _ in range(max_extend):
-        if res.best_b not in (lo, hi):
-            break
-        lo, hi = (lo - step, hi) if res.best_b == lo else (lo, hi + step)
-        points += 1
-        res = fid_search(evaluate, lo, hi, method="grid", points=points, cache_path=cache, key=key)
-        new += res.new_evaluations
-    return res, new
+    # A minimum on the edge of the grid is not a minimum: the grid grows past it.
+    return grid_to_interior_minimum(evaluate, lo, hi, points, cache, key, max_extend)
 
 
 def tuned(tune_dir: Path) -> dict[tuple[str, str, int], tuple[float | None, list]]:
@@ -149,12 +142,7 @@ SUMMARY_END = "<!-- quality.py --report summary: end -->"
 
 def write_tables(path: Path, tables: str, begin: str = TABLES_BEGIN, end: str = TABLES_END) -> None:
     """Replace the text between the markers ``begin`` and ``end`` in ``path`` with ``tables``."""
-    text = path.read_text()
-    head, sep, rest = text.partition(begin)
-    _, sep2, tail = rest.partition(end)
-    if not sep or not sep2:
-        raise SystemExit(f"error: {path} has no '{begin}' ... '{end}' markers")
-    atomic_write_text(path, f"{head}{begin}\n{tables.strip()}\n{end}{tail}")
+    write_between_markers(path, begin, end, tables)
 
 
 def _rows(cache: dict, grids: dict, num: int, seed0: int, ref: str) -> list[tuple]:

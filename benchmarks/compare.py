@@ -1,0 +1,259 @@
+"""Every training-free fix for exposure bias side by side, on one model and one yardstick.
+
+    python benchmarks/compare.py --steps 20 --samplers ddim,ddpm --threads 2
+    python benchmarks/compare.py --report --write-results      # tables + plot from the cache
+
+Methods, each on the shipped model's plan for the sampler (its grid and x0 clipping):
+
+* ``baseline``: λ = 1;
+* ``ES``: uniform λ = b (Ning et al. 2024);
+* ``Time-Shift``: the network's timestep from the state's variance (Li et al. 2024), knob: the
+  window w (the cutoff stays the paper's);
+* ``TSR``: ε·r(σ) (arXiv 2510.01184), knob: k (σ_p = 1);
+* ``DCW``: the low-frequency Haar band corrected after each step (arXiv 2604.16044), knob: c;
+* ``ES + Time-Shift``, ``ES + DCW``: each method at its own tuned knob, stacked as they are;
+* ``IP``, ``IP + ES``: the DDPM-IP model (input perturbation in training; ``--ip-model``) at
+  λ = 1 and at its own tuned b.
+
+Every knob is tuned with the same budget: a grid of ``--tune-points`` values on ``--tune-num``
+tuning seeds (1,000,000...) against the train split; the best value is then evaluated on
+``--num`` held-out seeds (0...) against the test split. All FIDs use the project's classifier
+features. Every FID is cached in ``--cache`` (a rerun resumes; ``--report`` samples nothing), and
+so is its wall time, from which the table's cost column comes (extra network evaluations are
+listed separately: none of these methods adds any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("baseline", "ES", "Time-Shift", "TSR", "DCW", "ES + Time-Shift", "ES + DCW", "IP", "IP + ES")
+BEGIN, END = "<!-- compare.py --report: begin -->", "<!-- compare.py --report: end -->"
+
+
+def knob_grid(method: str, steps: int, points: int) -> list[float]:
+    """The values a method's knob is tuned over (``points`` of them, the neutral value first)."""
+    from epsscale.timeshift import paper_defaults
+
+    if method in ("ES", "IP + ES"):
+        return [round(1.0 + 0.005 * i, 4) for i in range(-1, points - 1)]  # 0.995, 1, 1.005, ...
+    if method == "Time-Shift":
+        w = paper_defaults(steps)[0]
+        return [0] + [max(1, round(w * f)) for f in (0.5, 1, 2, 3, 4, 6)][: points - 1]
+    if method == "TSR":
+        return [1.0, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9][:points]
+    if method == "DCW":
+        return [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2][:points]
+    raise ValueError(method)
+
+
+def plan_for(base, method: str, knobs: dict[str, float]):
+    """The plan of one method: ``knobs`` holds b, w, k or c by method name."""
+    from epsscale.dcw import DCW
+    from epsscale.scaling import TSR
+    from epsscale.timeshift import TimeShift
+
+    opts = dict(base.sampler_opts)
+    lam = 1.0
+    if "ES" in knobs:
+        lam = knobs["ES"]
+    if "TSR" in knobs:
+        lam = TSR(k=knobs["TSR"], sigma=1.0)
+    if knobs.get("Time-Shift"):
+        opts["time_shift"] = TimeShift.for_steps(base.schedule, base.steps, window=int(knobs["Time-Shift"]))
+    if knobs.get("DCW"):
+        opts["dcw"] = DCW(knobs["DCW"])
+    return base.replace(lam=lam, sampler_opts=opts)
+
+
+class Evaluator:
+    def __init__(self, cache_path: Path, batch: int) -> None:
+        from epsscale.metrics import get_extractor, reference_stats
+
+        self.path = cache_path
+        self.cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        self.batch = batch
+        self.ext = get_extractor("fmnist")
+        self.refs = {r: reference_stats(self.ext, r) for r in ("fashion-mnist-train", "fashion-mnist-test")}
+
+    def __call__(self, key: str, plan, num: int, seed0: int, ref: str) -> dict:
+        from epsscale._atomic import atomic_write_text
+        from epsscale.metrics import compute_fid, feature_stats
+        from epsscale.sampling import sample_seeds
+
+        key = f"{key}|{num}|{seed0}|{ref}"
+        if key not in self.cache:
+            t0 = time.perf_counter()
+            images, _ = sample_seeds(plan, range(seed0, seed0 + num), batch_size=self.batch)
+            seconds = time.perf_counter() - t0
+            self.cache[key] = {"fid": compute_fid(feature_stats(images, self.ext), self.refs[ref]), "seconds": round(seconds, 2), "per_image": seconds / num}
+            atomic_write_text(self.path, json.dumps(self.cache, indent=1, sort_keys=True) + "\n")
+            print(f"{key}: FID {self.cache[key]['fid']:.3f} ({seconds:.0f}s)", flush=True)
+        return self.cache[key]
+
+
+def model_ids(args: argparse.Namespace) -> dict[str, str]:
+    """Cache names of the models: main/ip plus a digest of their weights (a new model, new keys)."""
+    from epsscale.hashing import digest_file
+    from epsscale.models.pretrained import SHIPPED
+
+    ids = {}
+    for name, path in (("main", SHIPPED.get(args.model, Path(args.model))), ("ip", Path(args.ip_model))):
+        weights = Path(path).with_suffix(".safetensors") if Path(path).suffix != ".safetensors" else Path(path)
+        if Path(path).is_dir():
+            weights = Path(path) / "model.safetensors"
+        if weights.exists():
+            ids[name] = f"{name}-{digest_file(weights, 8)}"
+    return ids
+
+
+def run_cell(ev: Evaluator, models: dict, sampler: str, steps: int, args: argparse.Namespace) -> None:
+    from epsscale.exposure.search import TUNING_SEED0
+    from epsscale.models.pretrained import shipped_plan
+
+    ids = model_ids(args)
+    bases = {ids[name]: shipped_plan(sampler, steps, model=m) for name, m in models.items()}
+    tuned: dict[str, float] = {}
+    for method in ("ES", "Time-Shift", "TSR", "DCW", "IP + ES"):
+        model = ids.get("ip" if method.startswith("IP") else "main")
+        if model not in bases:
+            continue
+        knob = "ES" if method == "IP + ES" else method
+        scores = {}
+        for v in knob_grid(method, steps, args.tune_points):
+            res = ev(f"{model}|{sampler}|{steps}|{knob}={v}", plan_for(bases[model], method, {knob: v}), args.tune_num, TUNING_SEED0, "fashion-mnist-train")
+            scores[v] = res["fid"]
+        tuned[method] = min(scores, key=scores.get)
+    for method in METHODS:
+        model = ids.get("ip" if method.startswith("IP") else "main")
+        if model not in bases:
+            continue
+        knobs = {k: tuned[k] for k in ("ES", "Time-Shift", "TSR", "DCW") if k in method.split(" + ") and k in tuned}
+        if method == "IP + ES":
+            knobs = {"ES": tuned["IP + ES"]}
+        ev(f"{model}|{sampler}|{steps}|" + ",".join(f"{k}={v}" for k, v in sorted(knobs.items())), plan_for(bases[model], method, knobs), args.num, 0, "fashion-mnist-test")
+
+
+def rows(cache: dict, sampler: str, steps: int, args: argparse.Namespace) -> list[tuple]:
+    """(method, knob text, FID, change vs baseline, seconds per image) from the cache."""
+    ids = model_ids(args)
+
+    def tuned(model: str, knob: str, method: str) -> float | None:
+        grid = {}
+        for v in knob_grid(method, steps, args.tune_points):
+            hit = cache.get(f"{model}|{sampler}|{steps}|{knob}={v}|{args.tune_num}|1000000|fashion-mnist-train")
+            if hit is None:
+                return None
+            grid[v] = hit["fid"]
+        return min(grid, key=grid.get)
+
+    best = {m: tuned(ids.get("ip" if m.startswith("IP") else "main", "-"), "ES" if m == "IP + ES" else m, m) for m in ("ES", "Time-Shift", "TSR", "DCW", "IP + ES")}
+    out = []
+    base = None
+    for method in METHODS:
+        model = ids.get("ip" if method.startswith("IP") else "main", "-")
+        parts = method.split(" + ")
+        knobs = {"ES": best["IP + ES"]} if method == "IP + ES" else {k: best[k] for k in ("ES", "Time-Shift", "TSR", "DCW") if k in parts}
+        if any(v is None for v in knobs.values()) or (method == "IP + ES" and best["IP + ES"] is None):
+            continue
+        hit = cache.get(f"{model}|{sampler}|{steps}|" + ",".join(f"{k}={v}" for k, v in sorted(knobs.items())) + f"|{args.num}|0|fashion-mnist-test")
+        if hit is None:
+            continue
+        if method == "baseline":
+            base = hit
+        names = {"ES": "b", "Time-Shift": "w", "TSR": "k", "DCW": "c"}
+        text = ", ".join(f"{names[k]} = {v:g}" for k, v in knobs.items()) or "-"
+        change = f"{100 * (hit['fid'] / base['fid'] - 1):+.1f}%" if base else ""
+        cost = f"{hit['per_image'] / base['per_image']:.2f}" if base else ""
+        out.append((method, text, hit["fid"], change, cost))
+    return out
+
+
+def report(cache: dict, args: argparse.Namespace) -> str:
+    from epsscale.samplers import nfe
+
+    blocks = []
+    for sampler in args.samplers.split(","):
+        for steps in (int(s) for s in args.steps.split(",")):
+            rs = rows(cache, sampler, steps, args)
+            if not rs:
+                continue
+            lines = [f"**{sampler}, {steps} steps** ({nfe(sampler, steps)} network evaluations per sample for every method; FID of {args.num} held-out samples vs the test split)\n",
+                     "| method | tuned knob | FID | vs baseline | wall time vs baseline |", "|---|---|---|---|---|"]
+            lines += [f"| {m} | {k} | {f:.2f} | {c} | {t} |" for m, k, f, c, t in rs]
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def plot(cache: dict, args: argparse.Namespace, path: Path) -> None:
+    """One panel per (sampler, steps): each method's FID change against the baseline."""
+    from epsscale.plots import new_figure, save_figure
+
+    cells = [(s, int(n)) for s in args.samplers.split(",") for n in args.steps.split(",")]
+    cells = [(s, n, rows(cache, s, n, args)) for s, n in cells]
+    cells = [c for c in cells if len(c[2]) > 1]
+    if not cells:
+        return
+    fig = new_figure(3.2 * len(cells), 3.4)
+    axes = fig.subplots(1, len(cells), squeeze=False)[0]
+    for ax, (sampler, steps, rs) in zip(axes, cells):
+        base = rs[0][2]
+        names = [r[0] for r in rs[1:]]
+        ax.barh(names, [100 * (r[2] / base - 1) for r in rs[1:]], color=["C0" if r[2] < base else "C3" for r in rs[1:]])
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.invert_yaxis()
+        ax.set_title(f"{sampler}, {steps} steps", fontsize=9)
+        ax.set_xlabel("FID vs baseline (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samplers", default="ddim,ddpm")
+    ap.add_argument("--steps", default="20,10,50")
+    ap.add_argument("--num", type=int, default=500, help="held-out seeds per evaluation")
+    ap.add_argument("--tune-num", type=int, default=200, help="tuning seeds per knob value")
+    ap.add_argument("--tune-points", type=int, default=5, help="knob values per method (the same budget for every method)")
+    ap.add_argument("--batch", type=int, default=125)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="fmnist")
+    ap.add_argument("--ip-model", default=str(HERE / "ip_model" / "model"), help="the DDPM-IP model (IP rows are skipped while it is missing)")
+    ap.add_argument("--cache", default=str(HERE / "compare_cache.json"))
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--write-results", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cache_path = Path(args.cache)
+    if not args.report:
+        from epsscale.models.pretrained import load_model
+
+        models = {"main": load_model(args.model)}
+        if Path(args.ip_model).with_suffix(".json").exists():
+            models["ip"] = load_model(args.ip_model)
+        ev = Evaluator(cache_path, args.batch)
+        for steps in (int(s) for s in args.steps.split(",")):
+            for sampler in args.samplers.split(","):
+                run_cell(ev, models, sampler, steps, args)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    text = report(cache, args)
+    print(text)
+    if text:
+        plot(cache, args, HERE / "compare.png")
+    if args.write_results and text:
+        from _common import write_between_markers
+
+        write_between_markers(HERE / "RESULTS.md", BEGIN, END, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
