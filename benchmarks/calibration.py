@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--norm-cache-dir", default="benchmarks/calibration_norm", help="norm-matching results, one schedule JSON each")
     ap.add_argument("--parabola-num", type=int, default=100, help="samples per point of the parabola search (0: skip)")
     ap.add_argument("--parabola-step", type=float, default=0.01)
+    ap.add_argument("--tilt-step", type=float, default=0.01, help="the linear search's tilt spacing (lambda of the first step minus the last)")
     ap.add_argument("--parabola-cache", default=None, help="default OUT.parabola.json")
     ap.add_argument("--eval-cache", default="benchmarks/calibration_heldout.json", help="held-out FID per schedule")
     args = ap.parse_args()
@@ -112,6 +113,16 @@ def main() -> None:
         schedules[f"FID parabola, {args.parabola_num} samples x {len(pres.points)} points"] = (Uniform(b), cost)
         report["parabola"] = {"points": pres.points, "vertex": pres.best_b, "bracketed": pres.bracketed, "nfe": cost, "seconds": round(time.time() - t0, 1)}
         print(f"parabola: {pres.points} -> b = {b} ({cost} evaluations)", flush=True)
+
+        # The paper's linear schedule by FID: the same parabola, then one over the tilt (same seeds).
+        t0 = time.time()
+        from epsscale.exposure import linear_search
+
+        lres = linear_search(tune_small, args.steps, step=args.parabola_step, tilt_step=args.tilt_step, cache_path=pcache, key={"sampler": args.sampler, "steps": args.steps, "num": args.parabola_num})
+        lcost = lres.points * args.parabola_num * per_image
+        schedules[f"FID linear (b, then tilt), {args.parabola_num} samples x {lres.points} points"] = (lres.schedule, lcost)
+        report["linear"] = {"uniform_points": lres.uniform.points, "tilt_points": lres.tilt.points, "mean": lres.uniform.best_b, "tilt": lres.tilt.best_b, "schedule": repr(lres.schedule), "nfe": lcost, "seconds": round(time.time() - t0, 1)}
+        print(f"linear: mean {lres.uniform.best_b:.5g}, tilt {lres.tilt.best_b:.4g} -> {lres.schedule} ({lcost} evaluations)", flush=True)
 
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")

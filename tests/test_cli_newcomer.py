@@ -258,3 +258,20 @@ def _tiny_model(d: Path, data: bool = False) -> Path:
         cfg = {**cfg, "data": "fashion-mnist", "crop": 28}
     (d / "model.json").write_text(json.dumps(cfg))
     return d
+
+
+@needs_fmnist_data
+def test_calibrate_linear_by_fid_writes_a_linear_schedule_that_sample_reads(tmp_path):
+    from epsscale.scaling import Linear, load_schedule
+
+    _tiny_model(tmp_path / "m", data=True)
+    out = tmp_path / "lin.json"
+    code, stdout, err = run(["calibrate", "--model", tmp_path / "m", "--sampler", "ddim", "--steps", "3", "--fid-num", "8", "--kind", "linear", "--spacing", "0.05", "--tilt-spacing", "0.05", "--quiet", "--out", out])
+    assert code == 0, err
+    sched = load_schedule(out)
+    assert isinstance(sched.schedule, Linear) and sched.meta["kind"] == "linear" and len(sched.meta["tilt_points"]) >= 3
+    assert abs(sched.schedule.b + sched.schedule.k - sched.meta["mean"]) < 1e-9  # mean over 3 steps = b + k
+    code, _, err = run(["sample", "--model", tmp_path / "m", "--sampler", "ddim", "--steps", "3", "--eps-schedule", out, "--seeds", "0-1", "--quiet", "--out", tmp_path / "s.npz"])
+    assert code == 0 and not err, err
+    code, _, err = run(["calibrate", "--model", tmp_path / "m", "--search", "grid", "--kind", "linear", "--out", tmp_path / "x.json"])
+    assert code == 2 and "--kind does not apply" in err

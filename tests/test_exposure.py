@@ -711,3 +711,21 @@ def test_save_figure_is_atomic_and_sized_by_the_figure(tmp_path):
         save_figure(fig, out)
     assert out.read_bytes() == before  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.svg"]  # no target, no temporary
+
+
+def test_linear_search_finds_mean_and_tilt_of_a_known_optimum(tmp_path):
+    """Two parabola searches: the uniform b, then the tilt at that mean (the paper's linear family)."""
+    from epsscale.exposure import linear_from_tilt, linear_search
+    from epsscale.scaling import Linear, Uniform
+
+    def score(s):  # a bowl in (mean, tilt) with its bottom at mean 1.012, tilt 0.028 over 20 steps
+        mean, tilt = (s.b, 0.0) if isinstance(s, Uniform) else (s.b + 19 * s.k / 2, 19 * s.k)
+        return 5.0 + 1e4 * (mean - 1.012) ** 2 + 2e3 * (tilt - 0.028) ** 2
+
+    res = linear_search(score, 20, cache_path=tmp_path / "c.json", key={"t": 1})
+    assert abs(res.uniform.best_b - 1.012) < 1e-9 and abs(res.tilt.best_b - 0.028) < 1e-9  # exact on a parabola
+    lam = res.schedule.bind(__import__("epsscale").VPSchedule("cosine").grid("20")).lams
+    assert abs(sum(lam) / len(lam) - 1.012) < 1e-12 and abs((max(lam) - min(lam)) - 0.028) < 1e-12
+    again = linear_search(score, 20, cache_path=tmp_path / "c.json", key={"t": 1})
+    assert again.new_evaluations == 0 and again.schedule == res.schedule
+    assert linear_from_tilt(1.0, 0.0, 20) == Linear(k=0.0, b=1.0)

@@ -89,7 +89,8 @@ def add_parsers(sub: Any) -> None:
     g.add_argument("--spacing", type=common.positive_float, default=_ONLY["--spacing"][1], help="parabola: the distance between points")
     g.add_argument("--fid-num", type=common.positive_int, default=_ONLY["--fid-num"][1], help="samples per FID point (default: 100 for the parabola, else 1000)")
     g.add_argument("--cache", default=_ONLY["--cache"][1], help="the FID points' cache (default: OUT.points.json)")
-    g.add_argument("--kind", choices=("uniform", "linear", "per_sigma"), default=_ONLY["--kind"][1], help="norm matching: the schedule family")
+    g.add_argument("--kind", choices=("uniform", "linear", "per_sigma"), default=_ONLY["--kind"][1], help="the schedule family: uniform b; the paper's linear lambda_i = b + k i (norm matching, or the parabola FID search over b and then the tilt k); per_sigma (norm matching)")
+    g.add_argument("--tilt-spacing", type=common.positive_float, default=_ONLY["--tilt-spacing"][1], help="--kind linear with the FID search: spacing of the tilt (lambda of the first step minus lambda of the last)")
     g.add_argument("--start", choices=("data", "prior"), default=_ONLY["--start"][1], help="norm matching: trajectories start from noised real images or from the prior")
     add_extractor_options(c)
     _add_data_options(c, _ONLY["--num"][1])
@@ -238,7 +239,7 @@ def measure(args: argparse.Namespace) -> int:
 
 # calibrate's options and the methods (or searches) they belong to: option -> (dest, default, applies).
 _ONLY = {
-    "--kind": ("kind", "uniform", lambda a: a.method == "norm"),
+    "--kind": ("kind", "uniform", lambda a: a.method == "norm" or a.search == "parabola"),
     "--start": ("start", "data", lambda a: a.method == "norm"),
     "--num": ("num", 256, lambda a: a.method == "norm"),
     "--data-seed": ("data_seed", 0, lambda a: a.method == "norm"),
@@ -253,6 +254,7 @@ _ONLY = {
     "--tol": ("tol", 1e-3, lambda a: a.method == "fid" and a.search == "golden"),
     "--center": ("center", 1.0, lambda a: a.method == "fid" and a.search == "parabola"),
     "--spacing": ("spacing", 0.01, lambda a: a.method == "fid" and a.search == "parabola"),
+    "--tilt-spacing": ("tilt_spacing", 0.01, lambda a: a.method == "fid" and a.kind == "linear"),
 }
 
 
@@ -264,8 +266,29 @@ def _check_calibrate_options(args: argparse.Namespace) -> None:
     if idle:
         what = f"--method {args.method}" + (f" --search {args.search}" if args.method == "fid" else "")
         raise UserError(f"{', '.join(idle)} do{'es' if len(idle) == 1 else ''} not apply to {what}")
+    if args.method == "fid" and args.kind == "per_sigma":
+        raise UserError("--kind per_sigma is for --method norm; the FID search takes uniform or linear")
     if args.method == "fid" and args.search == "parabola" and not 0 < args.spacing < 0.5:
         raise UserError(f"--spacing {args.spacing:g}: the parabola's points are b apart by this much; expected a small number such as 0.01 (did you mean --steps?)")
+
+
+def _calibrate_linear(args: argparse.Namespace, plan: Any, evaluate: Callable[[Any], float], num: int, cache: Path, key: dict, meta: dict, ref: str, ext: Any, t0: float, out: Path, png: Path) -> int:
+    """--method fid --kind linear: the parabola over uniform b, then over the tilt (exposure.linear_search)."""
+    from ..exposure import linear_search, plot_fid_vs_b, write_calibrated_schedule
+
+    res = linear_search(evaluate, plan.steps, center=args.center, step=args.spacing, tilt_step=args.tilt_spacing, cache_path=cache, key=key)
+    sched = res.schedule
+    new_nfe = res.new_evaluations * num * plan.nfe
+    meta.update(search="parabola", kind="linear", num=num, seed0=TUNING_SEED0, points={str(k): v for k, v in res.uniform.points}, tilt_points={str(k): v for k, v in res.tilt.points},
+                mean=res.uniform.best_b, tilt=res.tilt.best_b, nfe=res.points * num * plan.nfe, new_nfe=new_nfe, seconds=round(time.time() - t0, 1))
+    meta["tuned_on"] = _tuned_on(plan, args, ref, {"seeds": f"{TUNING_SEED0}-{TUNING_SEED0 + num - 1}", "extractor": ext.name, "search": "parabola", "kind": "linear"})
+    write_calibrated_schedule(out, sched, meta)
+    plot_fid_vs_b(res.uniform.points, png)
+    if not args.quiet:
+        done = f"{res.new_evaluations} of {res.points} points new: {new_nfe} network evaluations" if res.new_evaluations else f"all {res.points} points from the cache: no network evaluations"
+        print(f"FID search (linear, {num} samples per point): mean lambda {res.uniform.best_b:.5g}, tilt {res.tilt.best_b:.4g} -> lambda {common.format_lam(sched)}  [{done}, {meta['seconds']}s]")
+        print(f"wrote {out}" + (f" and {png}" if png.exists() else ""))
+    return 0
 
 
 def _tuned_on(plan: Any, args: argparse.Namespace, data: str, extra: dict) -> dict:
@@ -331,6 +354,8 @@ def calibrate(args: argparse.Namespace) -> int:
             "model": plan.fingerprint, "sampler": plan.sampler, "sigmas": [round(float(v), 12) for v in plan.sigmas],
             "sampler_options": meta["sampler_options"], "num": num, "seed0": TUNING_SEED0, "ref": ref, "extractor": f"{ext.name}:{getattr(ext, 'weights_id', '')}",
         }
+        if args.kind == "linear":
+            return _calibrate_linear(args, plan, evaluate, num, cache, search_key, meta, ref, ext, t0, out, png)
         res = fid_search(evaluate, lo, hi, method=args.search, cache_path=cache, points=args.points, tol=args.tol, start=args.center, step=args.spacing, key=search_key)
         pts = dict(res.points)
         b = round(float(res.best_b), 6)

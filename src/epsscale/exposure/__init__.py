@@ -68,7 +68,7 @@ from ._common import SamplerLike, Start, Units
 from .analytic import AnalyticResult, analytic_variance
 from .calibrate import CalibrationInfo, calibrate_norm_matching, influence_weights
 from .measure import EXPOSURE_FORMAT, DeltaResult, EpsNormResult, ExposureReport, delta_t, eps_norms, exposure_json, measure_exposure
-from .search import FID_CACHE_FORMAT, FidSearchResult, fid_objective, fid_search, write_calibrated_schedule
+from .search import FID_CACHE_FORMAT, FidSearchResult, LinearSearchResult, fid_objective, fid_search, linear_from_tilt, linear_search, write_calibrated_schedule
 
 __all__ = [
     "DeltaResult",
@@ -85,6 +85,9 @@ __all__ = [
     "calibrate_norm_matching",
     "fid_search",
     "fid_objective",
+    "linear_search",
+    "linear_from_tilt",
+    "LinearSearchResult",
     "write_calibrated_schedule",
     "exposure_json",
     "plot_delta",

@@ -298,3 +298,62 @@ def fid_objective(plan: Any, num: int, seed0: int, batch: int, extractor: Any, r
         return fid
 
     return evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's linear schedule by FID: uniform b, then the tilt
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_from_tilt(mean: float, tilt: float, steps: int) -> Linear:
+    """The paper's ``λ_i = b + k·i`` (i = 0 the last of ``steps`` steps) with mean λ ``mean`` over
+    the chain and ``tilt`` = λ(first step) − λ(last step): k = tilt/(T'−1), b = mean − tilt/2."""
+    if steps < 2:
+        return Linear(k=0.0, b=mean)
+    return Linear(k=tilt / (steps - 1), b=mean - tilt / 2)
+
+
+@dataclass(frozen=True)
+class LinearSearchResult:
+    """The linear schedule two parabola searches chose, with both searches."""
+
+    schedule: Linear
+    uniform: FidSearchResult
+    tilt: FidSearchResult
+
+    @property
+    def new_evaluations(self) -> int:
+        return self.uniform.new_evaluations + self.tilt.new_evaluations
+
+    @property
+    def points(self) -> int:
+        return len(self.uniform.points) + len(self.tilt.points)
+
+
+def linear_search(
+    evaluate: Callable[[Any], float],
+    steps: int,
+    *,
+    center: float = 1.0,
+    step: float = 0.01,
+    tilt_step: float = 0.01,
+    cache_path: str | os.PathLike | None = None,
+    key: Mapping[str, Any] | None = None,
+) -> LinearSearchResult:
+    """The paper's linear schedule (λ_i = b + k·i) chosen by FID in two cheap 1-D searches.
+
+    ``evaluate(schedule)`` scores a schedule (e.g. :func:`fid_objective`, same seeds every
+    time). First the parabola search over uniform b (:func:`fid_search`, ``method="parabola"``)
+    gives the best mean level; then a parabola search over the tilt κ, the λ difference between
+    the first and the last step at that mean (:func:`linear_from_tilt`), starting from κ = 0
+    with spacing ``tilt_step``. Keeping the mean fixed follows the paper's observation that its
+    published 20-step (k, b) pairs keep mean(λ) near the best uniform b. Both searches cache
+    their points (``cache_path`` for b, the same name with ``.tilt`` for κ), so a run resumes.
+    """
+    from ..scaling import Uniform
+
+    tilt_cache = None if cache_path is None else Path(cache_path).with_suffix(".tilt.json")
+    uniform = fid_search(lambda b: evaluate(Uniform(b)), 0.5, 1.5, method="parabola", start=center, step=step, cache_path=cache_path, key=key)
+    mean = float(uniform.best_b)
+    tilt = fid_search(lambda kappa: evaluate(linear_from_tilt(mean, kappa, steps)), -0.5, 0.5, method="parabola", start=0.0, step=tilt_step, cache_path=tilt_cache, key={**(key or {}), "mean": round(mean, 9), "steps": steps})
+    return LinearSearchResult(linear_from_tilt(mean, float(tilt.best_b), steps), uniform, tilt)
