@@ -379,7 +379,7 @@ def _npz(path: Path, **arrays) -> Path:
     "make,needle",
     [
         (lambda p: p.write_bytes(_npz(p.with_suffix(".x.npz"), arr_0=np.zeros((4, 28, 28, 1), np.uint8)).read_bytes()[:300]), "not a readable npz"),
-        (lambda p: p.write_bytes(os.urandom(500)), "not a readable npz"),
+        (lambda p: p.write_bytes(os.urandom(500)), "not an .npz file"),
         (lambda p: p.write_bytes(b""), "npz"),
         (lambda p: _npz(p, images=np.zeros((4, 28, 28, 1), np.uint8)), "arr_0"),
         (lambda p: _npz(p, arr_0=np.zeros((4, 28, 28, 1), np.float32)), "uint8"),

@@ -9,12 +9,12 @@ guidance mix). Classifier guidance (ADM-G) shifts the ancestral mean instead: se
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from .adapters import Denoiser, Prediction, as_prediction
+from .checks import check_number
 
 __all__ = ["ClassifierFree", "classifier_free"]
 
@@ -26,8 +26,7 @@ class ClassifierFree:
     """
 
     def __init__(self, denoiser: Denoiser, scale: float, uncond: dict[str, Any]) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"guidance scale must be a finite number, got {scale!r}")
+        check_number(scale, "guidance scale")
         if not isinstance(uncond, dict):
             raise ValueError(f"uncond must be a dict of the keyword arguments for the unconditional call (e.g. {{'class_labels': None}}), got {uncond!r}")
         self.inner = denoiser

@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Literal, Protocol, Sequence
 import torch
 
 from .adapters import Denoiser, Prediction, append_dims, as_prediction
+from .checks import check_number
 from .dcw import DCW
 from .schedules import check_grid, sigma_to_alpha_bar
 from .timeshift import TimeShift
@@ -353,8 +354,7 @@ def ddim(
     reaches both the x0 term and the direction term. With eta = 0 this is Euler on the same grid.
     ``time_shift`` and ``dcw``: see the module doc.
     """
-    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    check_number(eta, "eta", low=0)
     _check_clip(clip)
     sigmas = check_grid(sigmas).to(x.device)
     grid = sigmas.tolist()  # control flow on host floats: no device sync per step
@@ -411,8 +411,7 @@ def _edm(
     dcw: DCW | None = None,
 ) -> torch.Tensor:
     for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
-        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        check_number(v, name, low=0)
     if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or not s_tmax >= s_tmin:
         raise ValueError(f"s_tmax must be a number >= s_tmin (inf: no upper limit), got {s_tmax!r}")
     sigmas = check_grid(sigmas).to(x.device)

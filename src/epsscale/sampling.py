@@ -29,6 +29,7 @@ import torch
 
 from . import store
 from .adapters import Denoiser, Prediction, as_prediction, sigma_vector
+from .checks import check_int
 from .distributed import all_gather_object, barrier, broadcast_object, rank, world_size
 from .plan import SamplingPlan
 from .samplers import StackedGenerator
@@ -152,8 +153,7 @@ def sample_seeds(
     """
     from tqdm import tqdm
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch size")
     seeds = _check_seeds(seeds, plan.labels)
     labels = plan.labels_for(seeds)
     label_of = dict(zip(seeds, labels)) if labels is not None else None

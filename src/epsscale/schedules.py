@@ -21,6 +21,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = [
     "VPSchedule",
     "space_timesteps",
@@ -255,8 +257,7 @@ def sigmas_karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
 
     ``sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_int(n, "n")
     if not (0 < sigma_min <= sigma_max) or not math.isfinite(sigma_max):
         raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got {sigma_min}, {sigma_max}")
     if not rho > 0:

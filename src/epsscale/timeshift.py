@@ -71,6 +71,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_int
 from .schedules import VPSchedule, check_grid
 
 __all__ = ["TimeShift", "BoundTimeShift", "PAPER_DEFAULTS", "paper_defaults"]
@@ -86,8 +87,7 @@ def paper_defaults(steps: int) -> tuple[int, int]:
     entry of the nearest count in log steps (ratio), a tie going to the larger count (the
     narrower window): 5 steps -> 10's, 30 -> 20's, 14 -> 10's, 200 or 1000 -> 100's.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_int(steps, "steps")
     best = min(PAPER_DEFAULTS, key=lambda n: (abs(math.log(steps / n)), -n))
     return PAPER_DEFAULTS[best]
 

@@ -8,6 +8,7 @@ import sys
 import time
 from contextlib import contextmanager
 from functools import wraps
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import common

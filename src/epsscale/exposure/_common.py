@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import torch
 
+from ..checks import check_int
 from ..samplers import SAMPLERS
 from ..scaling import PerSigma, ScheduleLike, Uniform, resolve_schedule
 from ..schedules import check_grid
@@ -88,8 +89,7 @@ def _check_seeds(seeds: Sequence[int] | None, n: int) -> list[int]:
 
 
 def _check_batch(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     return batch_size
 
 

@@ -8,12 +8,12 @@ with prediction error"), for comparison with the measured δ_t of
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from ..checks import check_number
 from ..schedules import check_grid
 from ._common import _Record
 
@@ -84,8 +84,7 @@ def analytic_variance(
         raise ValueError(f"analytic_variance models 'ddpm', 'ddim' or 'euler', got {sampler!r}")
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
-    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    check_number(eta, "eta", low=0)
     eta = 0.0 if sampler == "euler" else float(eta)
     g2 = _per_step(gamma2, grid[:-1], "gamma2")
     abar = 1 / (1 + grid**2)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence, Union
 import torch
 
 from ..adapters import Denoiser
+from ..checks import check_int
 from ..scaling import Linear, PerSigma, Uniform
 from ..schedules import check_grid
 from ._common import SamplerLike, Start, _check_run, _Record, _Run
@@ -120,8 +121,7 @@ def _check_solver_options(smooth: Any, tol: Any, max_passes: Any) -> None:
         raise ValueError(f"smooth must be a window of >= 1 steps, got {smooth!r}")
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be > 0, got {tol!r}")
-    if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 2:
-        raise ValueError(f"max_passes must be an integer >= 2, got {max_passes!r}")
+    check_int(max_passes, "max_passes", low=2)
 
 
 def _step_weights(weights: Literal["influence", "equal"] | Sequence[float] | torch.Tensor, grid: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Union
 
 from .._atomic import atomic_write_text
+from ..checks import check_int, check_number
 from ..scaling import Calibrated, Linear, PerSigma, Uniform, save_schedule
 from ._common import _jsonable, _Record
 
@@ -120,8 +121,7 @@ class _Scores:
 
 
 def _check_number(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    check_number(v, name)
 
 
 def fid_search(
@@ -180,8 +180,7 @@ def fid_search(
 
 def _grid_search(f: _Scores, lo: float, hi: float, points: int) -> None:
     """The ``"grid"`` method of :func:`fid_search`: ``points`` equally spaced b's, both ends."""
-    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
-        raise ValueError(f"points must be an integer >= 2, got {points!r}")
+    check_int(points, "points", low=2)
     for j in range(points):
         f(lo + (hi - lo) * j / (points - 1))
 
@@ -235,8 +234,7 @@ def _parabola_search(f: _Scores, lo: float, hi: float, start: float, step: float
         raise ValueError(f"step must be > 0, got {step}")
     if not lo <= start <= hi:
         raise ValueError(f"start must lie in [lo, hi] = [{lo}, {hi}], got {start}")
-    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 3:
-        raise ValueError(f"max_evals must be an integer >= 3, got {max_evals!r}")
+    check_int(max_evals, "max_evals", low=3)
 
     def inside(j: int) -> bool:
         return lo - 1e-12 <= start + j * step <= hi + 1e-12

@@ -123,6 +123,7 @@ from typing import Any, Literal, Sequence, Union
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..scaling import TSR, Calibrated, Linear, PerSigma, Uniform, resolve_schedule
 
 __all__ = ["apply_epsilon_scaling", "remove_epsilon_scaling", "EpsilonScalingHandle"]
@@ -594,8 +595,8 @@ def apply_epsilon_scaling(
     """
     if flow_mode not in ("eps", "velocity"):
         raise ValueError(f"flow_mode must be 'eps' or 'velocity', got {flow_mode!r}")
-    if eps_channels is not None and (isinstance(eps_channels, bool) or not isinstance(eps_channels, int) or eps_channels < 1):
-        raise ValueError(f"eps_channels must be a positive integer, got {eps_channels!r}")
+    if eps_channels is not None:
+        check_int(eps_channels, "eps_channels")
     lam, lookup = _check_schedule(lam)
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:

@@ -19,7 +19,6 @@ checkpointing and no fp16 torso (``classifier_use_fp16`` is accepted and ignored
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
@@ -28,8 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epsscale.models.adm import ADM_FLAG_DEFAULTS, NON_MODEL_FLAGS, default_channel_mult, flag_bool, flag_int, flag_list
-from epsscale.models.adm_blocks import AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepEmbedSequential, timestep_embedding, zeroed
+from epsscale.checks import check_number
+from epsscale.models.adm import (
+    ADM_FLAG_DEFAULTS,
+    NON_MODEL_FLAGS,
+    default_channel_mult,
+    flag_bool,
+    flag_int,
+    flag_list,
+)
+from epsscale.models.adm_blocks import (
+    AttentionBlock,
+    Downsample,
+    GroupNorm32,
+    ResBlock,
+    TimestepEmbedSequential,
+    timestep_embedding,
+    zeroed,
+)
 from epsscale.schedules import VPSchedule
 
 __all__ = [
@@ -360,8 +375,7 @@ class ClassifierGuidance:
     """
 
     def __init__(self, classifier: Callable[[Tensor, Tensor], Tensor], schedule: VPSchedule, scale: float) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"classifier guidance scale must be a finite number, got {scale!r}")
+        check_number(scale, "classifier guidance scale")
         if not isinstance(schedule, VPSchedule):
             raise ValueError(f"schedule must be the diffusion model's VPSchedule, got {type(schedule).__name__}")
         self.classifier = classifier

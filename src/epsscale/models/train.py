@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_write, atomic_write_text
+from ..checks import check_int
 from ..schedules import VPSchedule
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "train", "hybrid_loss", "export_model", "learning_rate", "DEMO_FLAGS"]
@@ -234,8 +235,8 @@ def train(
     run = Path(run_dir)
     ckpt_path = run / "checkpoint.pt"
     cfg_path = run / "train_config.json"
-    if snapshot_every is not None and (isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1):
-        raise ValueError(f"snapshot_every must be a positive integer, got {snapshot_every!r}")
+    if snapshot_every is not None:
+        check_int(snapshot_every, "snapshot_every")
     if cfg_path.exists():
         saved = json.loads(cfg_path.read_text())
         diff = _config_difference(saved, json.loads(json.dumps(asdict(cfg))))
