@@ -730,7 +730,8 @@ def test_a_work_dir_that_is_not_one_is_refused_and_left_alone(tiny, tmp_path):
     [
         (["--method", "norm", "--search", "grid"], "--search does not apply to --method norm"),
         (["--method", "norm", "--lo", "0.9", "--fid-num", "10"], "--lo, --fid-num do not apply"),
-        (["--method", "fid", "--kind", "linear"], "--kind does not apply to --method fid --search parabola"),
+        (["--method", "fid", "--search", "grid", "--kind", "linear"], "--kind does not apply to --method fid --search grid"),
+        (["--method", "fid", "--kind", "per_sigma"], "--kind per_sigma is for --method norm"),
         (["--method", "fid", "--search", "parabola", "--points", "9"], "--points does not apply to --method fid --search parabola"),
         (["--method", "fid", "--search", "grid", "--spacing", "0.02"], "--spacing does not apply to --method fid --search grid"),
         (["--method", "fid", "--search", "grid", "--step", "0.02"], "--steps"),  # no such option; the hint names the likely one
