@@ -34,7 +34,10 @@ def test_sample_toy_end_to_end(tmp_path):
     assert (tmp_path / "toy.png").stat().st_size > 1000
     # Same seeds, same points.
     out2 = tmp_path / "toy2.npz"
-    main(["sample", "--model", "toy", "--sampler", "heun", "--steps", "12", "--disc", "karras", "--seeds", "50-99", "--eps-scale", "1.01", "--out", str(out2), "--quiet"])
+    assert main(["sample", "--model", "toy", "--sampler", "heun", "--steps", "12", "--disc", "karras", "--seeds", "50-99", "--eps-scale", "1.01", "--out", str(out2), "--quiet"]) == 0
+    # Seeds 50-99 sit in other rows of other batches here: the toy mixture's float64 reductions
+    # may then round differently (a few eps relative per call), and 23 network calls from
+    # sigma = 80 pass that on, contracted, to points of size ~3: 1e-12 is ~1000x that.
     np.testing.assert_allclose(np.load(out2)["arr_0"], pts[50:], rtol=1e-12, atol=1e-12)
 
 

@@ -2,12 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from conftest import fid_roundoff
 from safetensors.torch import save_file
 
 from epsscale.cli import main
 from epsscale.data.fashion_mnist import DEFAULT_ROOT
+from epsscale.metrics import compute_fid, feature_stats, get_extractor, reference_stats
 from epsscale.models.adm import create_adm_model
 from epsscale.scaling import load_schedule
 
@@ -50,11 +53,35 @@ def test_calibrate_norm_and_fid_write_loadable_schedules(tiny_model, tmp_path):
     assert sched.meta["sampler"] == "ddim" and sched.meta["steps"] == 3 and sched.meta["nfe"] > 0
     assert out.with_suffix(".png").exists()
     out2 = tmp_path / "fid.json"
-    args = ["calibrate", "--model", str(tiny_model), "--sampler", "ddim", "--steps", "2", "--method", "fid", "--search", "grid", "--lo", "1.0", "--hi", "1.02", "--points", "2", "--fid-num", "16", "--batch", "16", "--out", str(out2)]
+    args = ["calibrate", "--model", str(tiny_model), "--sampler", "ddim", "--steps", "2", "--method", "fid", "--search", "grid", "--lo", "1.0", "--hi", "1.6", "--points", "4", "--fid-num", "16", "--batch", "16", "--out", str(out2)]
     assert main(args) == 0
     sched2 = load_schedule(out2)
-    assert sched2.schedule.b in (1.0, 1.02) and len(sched2.meta["points"]) == 2
+    points = {float(k): v for k, v in sched2.meta["points"].items()}
+    assert sorted(points) == pytest.approx([1.0, 1.2, 1.4, 1.6], abs=1e-12)  # lo + i (hi - lo) / 3
     assert out2.with_suffix(".png").exists()
+    # Each score is the FID of the tuning seeds sampled at that b, computed independently here:
+    # `epsscale sample` of the same seeds, then the statistics and the distance from the library.
+    ext = get_extractor("fmnist")
+    ref = reference_stats(ext, "fashion-mnist-train")
+    seed0, num = sched2.meta["seed0"], sched2.meta["num"]
+    assert num == 16
+    independent = {}
+    for b, score in points.items():
+        npz = tmp_path / f"b{b!r}.npz"
+        assert main(["sample", "--model", str(tiny_model), "--sampler", "ddim", "--steps", "2", "--seeds", f"{seed0}-{seed0 + num - 1}", "--eps-scale", repr(b), "--batch", "16", "--out", str(npz), "--quiet"]) == 0
+        stats = feature_stats(np.load(npz)["arr_0"], ext)
+        independent[b] = compute_fid(stats, ref)
+        # The same images and features give the same statistics; what is left is the Fréchet
+        # distance's own round-off (16 samples in 128 dimensions: a singular covariance).
+        assert score == pytest.approx(independent[b], rel=0, abs=fid_roundoff(stats.cov, ref.cov)), b
+    # The chosen b is the grid point of lowest FID, and its FID is the one reported. That point is
+    # inside the grid, and the scores are far apart, so a search that kept the first or the last
+    # point, or the highest score, fails here.
+    best = min(independent, key=independent.get)
+    assert 1.0 < best < 1.6
+    assert sorted(independent.values())[1] - independent[best] > 1.0
+    assert sched2.schedule.b == pytest.approx(best, abs=1e-6)  # b is written rounded to 6 decimals
+    assert sched2.meta["best_fid"] == min(points.values())
     # The search resumes from its cache: a rerun evaluates nothing new and agrees.
     assert main(args) == 0
     assert load_schedule(out2).schedule.b == sched2.schedule.b

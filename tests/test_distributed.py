@@ -1,13 +1,16 @@
 """Distributed sampling and FID: the same seeds give the same samples, and the same FID, at
 world size 1 and 2 (``torchrun``, gloo, 2 CPU processes) and at batch sizes 1, 7 and 64.
 
-One ``torchrun`` launch runs every world-size-2 case (the CLI's ``sample`` and ``fid``, and the
-library's ``sample_seeds`` without a work directory) so the suite pays its start-up once.
+One ``torchrun`` launch runs every world-size-2 case (the CLI's ``sample`` and ``fid``, the
+library's ``sample_seeds`` without a work directory, and the library's all-reduced feature sums)
+so the suite pays its start-up once. The processes run at one thread (``ENV``); what this process
+compares with them bit for bit it computes at one thread too (``torch_threads(1)``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomise_output_layer
+from conftest import EPS32, EPS64, fid_roundoff, randomise_output_layer, torch_threads
 
 import epsscale.distributed as dist
 from epsscale.cli import main
@@ -68,6 +71,9 @@ def torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.Complet
 # What every world size runs: the CLI at each batch size, a stochastic float64 sampler, the FID,
 # and the library call without a work directory (raw float samples, gathered to rank 0).
 CASES = [(f"ddpm-b{b}", ["--batch", str(b)]) for b in BATCHES] + [("heun-b7", ["--batch", "7", "--sampler", "heun", "--s-churn", "2"])]
+# The FIDs, as (samples, feature batch size): at a feature batch of 1 an image's features do not
+# depend on which rank computed them; at 5 and 250 they may, by float32 rounding (the slices differ).
+FID_RUNS = [(name, 250) for name, _ in CASES] + [("ddpm-b7", 5), ("ddpm-b7", 1)]
 
 DRIVER = r'''
 import json, sys
@@ -79,11 +85,23 @@ from epsscale.models.pretrained import load_model
 from epsscale.plan import SamplingPlan
 from epsscale.sampling import parse_seeds, sample_seeds
 
-out, model_dir, ref, seeds, steps, cases = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
+out, model_dir, ref, seeds, steps, cases, fid_runs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], json.loads(sys.argv[6]), json.loads(sys.argv[7])
 for name, extra in cases:
     assert main(["sample", "--model", model_dir, "--steps", steps, "--seeds", seeds, "--out", f"{out}/{name}.npz", "--quiet", *extra]) == 0
-for name, fid_batch in [(name, "250") for name, _ in cases] + [("ddpm-b7", "5")]:
-    assert main(["fid", f"{out}/{name}.npz", "--ref", ref, "--json", "--quiet", "--batch", fid_batch]) == 0
+for name, fid_batch in fid_runs:
+    assert main(["fid", f"{out}/{name}.npz", "--ref", ref, "--json", "--quiet", "--batch", str(fid_batch)]) == 0
+# The library's reduction on its own: rank r's features of images r, r + W, ... summed over ranks.
+from epsscale.data.images import load_images
+from epsscale.metrics import FeatureStats, feature_stats, get_extractor
+ext = get_extractor("fmnist")
+for name, fid_batch in fid_runs:
+    images = load_images(f"{out}/{name}.npz")
+    stats = FeatureStats(ext.dim)
+    feature_stats(images[dist.rank()::dist.world_size()], ext, batch_size=fid_batch, stats=stats)
+    for t in stats.tensors():
+        dist.all_reduce_sum(t)
+    if dist.rank() == 0:
+        np.savez(f"{out}/stats-{name}-b{fid_batch}.npz", *(t.numpy() for t in stats.tensors()))
 m = load_model(model_dir)
 sigmas = m.schedule.grid(steps)
 for b in (1, 7, 64):
@@ -119,7 +137,7 @@ def world2(setup):
     out.mkdir()
     driver = root / "driver.py"
     driver.write_text(DRIVER)
-    p = torchrun(2, str(driver), str(out), str(model), str(ref), SEEDS, STEPS, json.dumps(CASES))
+    p = torchrun(2, str(driver), str(out), str(model), str(ref), SEEDS, STEPS, json.dumps(CASES), json.dumps(FID_RUNS))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "WORLD 2" in p.stdout
     return out, _fid_lines(p.stdout)
@@ -130,8 +148,9 @@ def world1(setup, tmp_path_factory):
     root, model, ref = setup
     out = root / "ws1"
     out.mkdir()
-    for name, extra in CASES:
-        assert main(["sample", "--model", str(model), "--steps", STEPS, "--seeds", SEEDS, "--out", str(out / f"{name}.npz"), "--quiet", *extra]) == 0
+    with torch_threads(1):
+        for name, extra in CASES:
+            assert main(["sample", "--model", str(model), "--steps", STEPS, "--seeds", SEEDS, "--out", str(out / f"{name}.npz"), "--quiet", *extra]) == 0
     return out
 
 
@@ -154,7 +173,7 @@ def test_samples_identical_at_world_size_1_and_2(world1, world2):
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, name
     # Nothing but the outputs is left behind (work directories are removed).
     for d in (world1, ws2):
-        assert sorted(p.name for p in d.iterdir() if not p.name.startswith("float")) == sorted(f"{n}.npz" for n, _ in CASES)
+        assert sorted(p.name for p in d.iterdir() if not p.name.startswith(("float", "stats"))) == sorted(f"{n}.npz" for n, _ in CASES)
 
 
 def test_library_float_samples_identical_without_work_dir(setup, world2):
@@ -171,36 +190,97 @@ def test_library_float_samples_identical_without_work_dir(setup, world2):
     x = torch.randn(2, *m.shape, dtype=torch.float64)
     assert (m.denoiser(x, torch.tensor([5.0, 5.0], dtype=torch.float64)).x0 - x).abs().max() > 1e-3
     first = None
-    for b in BATCHES:
-        ref, labels = sample_seeds(plan, seeds, batch_size=b)
-        assert labels is None and ref.dtype == np.float32 and ref.shape == (17, 1, 32, 32)
-        np.testing.assert_array_equal(np.load(ws2 / f"float-b{b}.npy"), ref)
-        first = ref if first is None else first
-        np.testing.assert_allclose(ref, first, rtol=1e-5, atol=1e-6 * float(np.abs(first).max()))
-    # Seed order is the order asked for, whatever the striding; a shorter list is padded to the
-    # batch, so its samples are bit-identical to the same seeds in the full run.
-    part, _ = sample_seeds(plan, [16, 3, 9], batch_size=7)
-    full, _ = sample_seeds(plan, seeds, batch_size=7)
+    with torch_threads(1):  # the torchrun processes' thread count
+        for b in BATCHES:
+            ref, labels = sample_seeds(plan, seeds, batch_size=b)
+            assert labels is None and ref.dtype == np.float32 and ref.shape == (17, 1, 32, 32)
+            np.testing.assert_array_equal(np.load(ws2 / f"float-b{b}.npy"), ref)
+            first = ref if first is None else first
+            np.testing.assert_allclose(ref, first, rtol=1e-5, atol=1e-6 * float(np.abs(first).max()))
+        # Seed order is the order asked for, whatever the striding; a shorter list is padded to the
+        # batch, so its samples are bit-identical to the same seeds in the full run.
+        part, _ = sample_seeds(plan, [16, 3, 9], batch_size=7)
+        full, _ = sample_seeds(plan, seeds, batch_size=7)
     np.testing.assert_array_equal(part, full[[16, 3, 9]])
 
 
+def _features(images: np.ndarray, ext, batch: int) -> torch.Tensor:
+    """float64 features of ``images``, computed as ``feature_stats`` does: in slices of ``batch``."""
+    from epsscale.metrics import images_to_tensor
+
+    x = images_to_tensor(images)
+    return torch.cat([ext(x[i : i + batch]) for i in range(0, len(x), batch)]).double()
+
+
+def _fid_lipschitz(stats, ref_mu: np.ndarray, ref_sigma: np.ndarray, delta: float) -> float:
+    """How far the FID can move when every feature of ``stats``' n samples moves by <= delta.
+
+    With X the centred n x d features and S2 the reference covariance,
+    FID = |mu1 - mu2|^2 + |X|_F^2 / (n - 1) + tr S2 - 2 |S2^1/2 X^T|_* / sqrt(n - 1), and
+    |E|_F <= sqrt(n d) delta for a perturbation E (centring does not enlarge it); the nuclear norm
+    is 1-Lipschitz in itself and |A|_* <= sqrt(rank A) |A|_F. The three terms below bound the
+    changes of the three sample-dependent terms, second-order parts included.
+    """
+    n, d = stats.count, stats.dim
+    mu_gap = float(np.linalg.norm(stats.mean - ref_mu))
+    tr1 = float(np.trace(stats.cov))
+    s2 = float(np.linalg.norm(ref_sigma, 2))
+    e_f = math.sqrt(n * d) * delta
+    mean_term = 2 * mu_gap * math.sqrt(d) * delta + d * delta**2
+    trace_term = (2 * math.sqrt((n - 1) * tr1) * e_f + e_f**2) / (n - 1)
+    nuclear_term = 2 * math.sqrt(min(n, d) * s2) * e_f / math.sqrt(n - 1)
+    return mean_term + trace_term + nuclear_term
+
+
 def test_fid_identical_at_world_size_1_and_2(setup, world1, world2, capsys):
+    """The gathered float64 sums are reproduced here bit for bit; the FIDs agree to the round-off
+    of the Fréchet distance itself (``fid_roundoff``), plus, where a rank's feature batches differ
+    from world size 1's, what the float32 features' batch-dependent rounding can move the FID."""
+    from epsscale.data.images import load_images
+    from epsscale.metrics import FeatureStats, compute_fid, feature_stats, get_extractor, load_mu_sigma
+
     _, _, ref = setup
-    _, fids2 = world2
-    assert len(fids2) == len(CASES) + 1  # only rank 0 prints
-    # The float64 sums are added in another order, so they agree to round-off (1e-16). With 17
-    # samples in 128 dimensions the covariance is singular and tr((S1 S2)^1/2) takes square roots
-    # of eigenvalues that are 0 up to round-off, which lifts that to ~1e-9 in the FID.
-    checks = [(name, got, 1e-7) for (name, _), got in zip(CASES, fids2)]
-    # Another feature batch size: the float32 extractor's kernels change with the batch size
-    # (features differ by ~1e-7 relative), so the FID agrees to ~1e-8 rather than to round-off.
-    checks.append(("ddpm-b7", fids2[-1], 1e-6))
-    for name, got, rel in checks:
-        assert main(["fid", str(world1 / f"{name}.npz"), "--ref", str(ref), "--json", "--quiet", "--batch", "250"]) == 0
-        want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert got["samples"] == want["samples"] == 17
-        assert got["fid"] == pytest.approx(want["fid"], rel=rel), name
-        assert want["fid"] > 0
+    ws2, fids2 = world2
+    assert len(fids2) == len(FID_RUNS)  # only rank 0 prints
+    ref_mu, ref_sigma = load_mu_sigma(ref)
+    ext = get_extractor("fmnist")
+    for (name, batch), got in zip(FID_RUNS, fids2):
+        images = load_images(ws2 / f"{name}.npz")
+        with torch_threads(1):  # the torchrun processes' thread count
+            # Rank r featurised images r, r + 2, ... in slices of `batch`; the two ranks' float64
+            # sums are added (a + b == b + a: exact in any order for two ranks).
+            union = FeatureStats(ext.dim)
+            for r in range(2):
+                union.merge(feature_stats(images[r::2], ext, batch_size=batch))
+            with np.load(ws2 / f"stats-{name}-b{batch}.npz") as z:
+                gathered = [z[f"arr_{i}"] for i in range(3)]
+            for mine, theirs in zip(union.tensors(), gathered):
+                np.testing.assert_array_equal(theirs, mine.numpy(), err_msg=f"{name} b{batch}")
+
+            # The CLI's FID at world size 2 is the FID of exactly that union.
+            roundoff = fid_roundoff(union.cov, ref_sigma)
+            assert got["samples"] == union.count == 17
+            assert got["fid"] == pytest.approx(compute_fid(union, ref), rel=0, abs=roundoff), (name, batch)
+
+            # World size 1 featurises all 17 images in slices of `batch`. At batch 1 the features
+            # are the same, and only the order of the float64 sums differs; otherwise the float32
+            # features differ by rounding (measured here, and checked to be rounding).
+            assert main(["fid", str(world1 / f"{name}.npz"), "--ref", str(ref), "--json", "--quiet", "--batch", str(batch)]) == 0
+            want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            whole = _features(images, ext, batch)
+            sharded = torch.empty_like(whole)
+            for r in range(2):
+                sharded[r::2] = _features(images[r::2], ext, batch)
+        delta = float((whole - sharded).abs().max())
+        assert delta <= 64 * EPS32 * float(whole.abs().max()), (name, batch, delta)
+        if batch == 1:
+            assert delta == 0.0
+        assert want["samples"] == 17 and want["fid"] > 0
+        tol = 2 * roundoff + _fid_lipschitz(union, ref_mu, ref_sigma, delta)
+        assert got["fid"] == pytest.approx(want["fid"], rel=0, abs=tol), (name, batch)
+        # The tolerance is well below what one sample more or less does to the FID.
+        fewer = FeatureStats(ext.dim).update(whole[:-1])
+        assert abs(compute_fid(fewer, ref) - want["fid"]) > 10 * tol, (name, batch)
 
 
 def test_all_reduce_of_feature_stats_is_exact_union():
@@ -216,8 +296,14 @@ def test_all_reduce_of_feature_stats_is_exact_union():
         for mine, theirs in zip(total.tensors(), p.tensors()):
             mine += dist.all_reduce_sum(theirs.clone())
     assert total.count == 50
-    np.testing.assert_allclose(total.mean, whole.mean, rtol=1e-13)
-    np.testing.assert_allclose(total.cov, whole.cov, rtol=1e-12, atol=1e-14)
+    # The same 50 float64 terms summed in two orders. A sum of n terms is within
+    # (n - 1) eps sum|term| <= n^2 eps max|term| of the exact one, so the means (near 0: a relative
+    # tolerance means nothing there) agree to 2 n eps max|x|, and the covariances, which subtract
+    # n mu mu^T (as rounded, <= 2 n^2 eps max|x|^2 off) from sum x x^T and divide by n - 1, to
+    # 6 n^2 eps max|x|^2 / (n - 1) (~3e-13; measured 3e-16).
+    n, big = 50, float(np.abs(x).max())
+    np.testing.assert_allclose(total.mean, whole.mean, rtol=0, atol=2 * n * EPS64 * big)
+    np.testing.assert_allclose(total.cov, whole.cov, rtol=0, atol=6 * n**2 * EPS64 * big**2 / (n - 1))
 
 
 def test_world_size_one_needs_no_torchrun(monkeypatch):

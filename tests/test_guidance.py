@@ -30,6 +30,8 @@ def test_the_mix_is_linear_in_the_scale_and_ends_at_each_model():
     d = TwoClassDenoiser()
     for w, gain in ((0.0, 0.5), (1.0, 0.7), (3.0, 0.5 + 3 * 0.2)):
         out = classifier_free(d, w, {"class_labels": None})(x, s, class_labels=1)
+        # u + w (c - u) against (0.5 + 0.2 w) x in float64: a few roundings of values up to
+        # (1 + 2 w) |x| ~ 30, ~1e-14 at worst (measured 4e-16).
         torch.testing.assert_close(out, gain * x, rtol=1e-12, atol=1e-12)
     # The unconditional call overrides the condition; the conditional call keeps it.
     assert d.seen[-2:] == [1, None]
@@ -43,6 +45,7 @@ def test_es_after_the_mix_scales_the_guided_eps_and_keeps_the_conditional_varian
     plain = as_prediction(guided(x, s, class_labels=0))
     scaled = as_prediction(eps_scaling(guided, lam)(x, s, class_labels=0))
     eps = (x - plain.x0) / s[:, None]
+    # The same formula in a different order: a few float64 roundings of values of size |x| (~1e-15).
     torch.testing.assert_close(scaled.x0, x - s[:, None] * eps / lam, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(scaled.var_interp, torch.full_like(x, 0.25))
 

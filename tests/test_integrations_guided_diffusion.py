@@ -89,14 +89,22 @@ def test_cli_reproduces_adm_es_seed_for_seed(ckpt, tmp_path, use_ddim, eps_scale
     net = create_adm_model(json.loads((TINY / "tiny_uncond.json").read_text()))
     load_adm_state_dict(net, load_file(str(TINY / "tiny_uncond.safetensors")))
     ref = oracle(net.eval(), list(range(5)), "10", use_ddim, eps_scaler or 1.0)
-    np.testing.assert_array_equal(ours["arr_0"], ref)  # the same uint8 output
+    # The same float32 algebra, but not the same order of operations (nor the same batch shape for
+    # the network: 3 rows against 5), so values before quantisation differ by float32 rounding
+    # (~1e-5 of a level), and one that lands that close to a step moves one level: measured, 1
+    # pixel in 92160 (30 samples). A wrong formula moves many pixels by more.
+    diff = np.abs(ours["arr_0"].astype(int) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
 def test_seeds_take_precedence_and_match_subsets(ckpt, tmp_path):
     flags = f"{MODEL_FLAGS} --noise_schedule cosine --timestep_respacing 4 --num_samples 100"
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
-    assert main(["sample", "--guided-diffusion", str(ckpt), "--flags", flags, "--seeds", "0-3", "--out", str(a), "--quiet"]) == 0
-    assert main(["sample", "--guided-diffusion", str(ckpt), "--flags", flags, "--seeds", "2-3", "--batch", "1", "--out", str(b), "--quiet"]) == 0
+    # At one batch size a sample depends only on its seed, bit for bit (batches are padded to the
+    # batch size; another batch size may round the network differently, see epsscale.distributed):
+    # seed 2 is the last row of a's first batch [0, 1, 2] and the first of b's [2, 3, 3].
+    assert main(["sample", "--guided-diffusion", str(ckpt), "--flags", flags, "--seeds", "0-3", "--batch", "3", "--out", str(a), "--quiet"]) == 0
+    assert main(["sample", "--guided-diffusion", str(ckpt), "--flags", flags, "--seeds", "2-3", "--batch", "3", "--out", str(b), "--quiet"]) == 0
     assert len(np.load(a)["arr_0"]) == 4
     np.testing.assert_array_equal(np.load(a)["arr_0"][2:], np.load(b)["arr_0"])
 

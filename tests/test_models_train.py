@@ -127,7 +127,7 @@ def test_cosine_learning_rate():
     assert learning_rate(cfg, 9) == pytest.approx(1e-3)
     assert learning_rate(cfg, 10) == pytest.approx(1e-3)
     assert learning_rate(cfg, 60) == pytest.approx(0.5e-3)  # half way through the cosine
-    assert learning_rate(cfg, 110) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(cfg, 110) == pytest.approx(0.0, abs=1e-12)  # lr (1 + cos pi) / 2: eps lr ~ 2e-19
     assert learning_rate(TrainConfig(lr=1e-3, warmup=10, steps=110, lr_schedule="constant"), 100) == 1e-3
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="step").validate()

@@ -97,10 +97,12 @@ def test_adm_lambda_matches_paper(name: str) -> None:
 
 def test_linear_schedules_keep_the_mean_at_uniform_b() -> None:
     """docs/paper.md, "λ schedules": the 20-step (k, b) pairs keep mean(lambda) at the best uniform b for 4 of 5."""
+    # Equal as decimals; b + 9.5 k in float64 is within a few ulp (~1e-15) of the decimal value.
     same = [n for n, (k, b) in ADM_LINEAR_20.items() if abs(b + k * 9.5 - ADM_LAMBDA[n][20]) < 1e-9]
     assert same == ["adm-lsun-tower64", "adm-ffhq128", "adm-imagenet64", "adm-imagenet128"]
     for name in same:
         lam = get_preset(name, steps=20, es="linear")["lam"]
+        # A mean of 20 float64 values ~1: within 20 eps (4e-15) of the decimal b.
         assert lam.values(20).mean().item() == pytest.approx(get_preset(name, steps=20)["lam"].b, abs=1e-12)
 
 
@@ -187,7 +189,7 @@ def test_linear_preset_binds_to_its_grid() -> None:
     den = eps_scaling(lambda x, sigma, **c: x * 0, p["lam"], sigmas=p["sigmas"])
     lam = den.lam(p["sigmas"][:-1])
     expected = 1.0 + 0.0025 * torch.arange(19, -1, -1, dtype=torch.float64)  # i = 19 first, 0 last
-    torch.testing.assert_close(lam, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lam, expected, rtol=0, atol=1e-12)  # b + k i: 2 roundings of ~1 (4e-16)
 
 
 # ---------------------------------------------------------------------------------------------

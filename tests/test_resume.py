@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomise_output_layer
+from conftest import randomise_output_layer, torch_threads
 
 from epsscale import samplers, store
 from epsscale.cli import main
@@ -104,6 +104,16 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
     cfg = {"format": "epsscale.model/1", "arch": "adm", "flags": TINY_FLAGS, "schedule": "cosine", "num_timesteps": 1000, "prediction": "eps", "learn_sigma": True}
     (directory / "model.json").write_text(json.dumps(cfg))
     return directory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """In-process runs at the subprocesses' one thread (``ENV``): the network's float32 kernels
+    may round differently at another count, and the outputs are compared bit for bit. Without this
+    the thread count here depended on which other modules were collected (several set one thread
+    on import; this file alone under EPSSCALE_TEST_THREADS=2 ran at two)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
