@@ -133,8 +133,14 @@ def load_model(name_or_path: str | os.PathLike = "fmnist", *, device: str | torc
 
 def shipped_discretisation(sampler: str) -> tuple[str, float | None]:
     """(grid kind, Karras sigma_max) for ``sampler`` on the shipped model, as the demo and the
-    benchmarks run it: DEMO_SETTINGS' choice, and a Karras grid from sigma 13 for the other
-    sigma-space samplers (heun, dpmpp_2m)."""
+    benchmarks run it: the model config's ``sampling`` block (``disc`` per sampler and
+    ``karras_sigma_max``, where the model was measured to want them), else DEMO_SETTINGS' choice
+    and a Karras grid from sigma 13 for the other sigma-space samplers."""
+    sampling = load_config(SHIPPED["fmnist"]).get("sampling", {})
+    table = sampling.get("disc")
+    if isinstance(table, dict) and sampler in table:
+        disc = str(table[sampler])
+        return disc, (float(sampling.get("karras_sigma_max", 80.0)) if disc == "karras" else None)
     for _, s, kind, _, sigma_max in DEMO_SETTINGS:
         if s == sampler:
             return kind, sigma_max
