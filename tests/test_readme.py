@@ -143,6 +143,8 @@ def scale_down(cmd: str, s: dict[str, str]) -> str:
     ]
     for pat, rep in subs:
         cmd = re.sub(pat, rep, cmd)
+    if re.search(r"\bepsscale sample\b", cmd) and "--seeds" not in cmd:  # guided-diffusion's default is 10,000 samples
+        cmd += " --seeds 0-3"
     if cmd.startswith("epsscale train") or " train " in cmd:
         cmd = re.sub(r"--steps \d+", "--steps 2 --batch 2", cmd)
     elif "--preset" not in cmd:
@@ -195,6 +197,11 @@ def test_every_bash_block_runs(stand_ins, tmp_path):
                 assert (ROOT / ".venv" / "bin" / "activate").exists() or "VIRTUAL_ENV" not in os.environ
                 continue
             env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{stand_ins['edm_dir']}", "OMP_NUM_THREADS": "1"}
+            for w in words[1:]:  # inputs the README names by their place in the repository: copied, never written there
+                src = ROOT / w
+                if not w.startswith("-") and not w.startswith(("scripts/", "benchmarks/")) and src.is_file() and not (work / w).exists():
+                    (work / w).parent.mkdir(parents=True, exist_ok=True)
+                    (work / w).write_bytes(src.read_bytes())
             if words[0] == "epsscale":
                 sys.path.insert(0, stand_ins["edm_dir"])
                 code, err = run_epsscale(words[1:], work)
