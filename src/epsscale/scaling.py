@@ -109,8 +109,9 @@ class Linear:
     (noisiest) step has ``i = T' - 1`` and the last has ``i = 0``.
 
     Bound to a grid it becomes a per-sigma table, so Heun's correction call at sigma_{i+1} gets
-    the lambda of the step that starts there. (The diffusers integration counts a scheduler
-    step once: both calls of a Heun step get that step's lambda.)
+    the lambda of the step that starts there, the next step's. The diffusers integration does the
+    same: it looks lambda up from the noise level of each network call, so a Heun scheduler's
+    correction call also gets the next step's lambda.
     """
 
     k: float
