@@ -5,7 +5,8 @@ reference convention:
 
 - :func:`quantize_adm`: guided-diffusion's ``image_sample.py``, ``((x + 1) * 127.5).clamp(0, 255)``
   truncated to uint8 (with an optional centre crop, for models trained on padded images);
-- :func:`quantize_edm`: NVlabs EDM's ``generate.py``, ``(x * 127.5 + 128).clip(0, 255)`` truncated.
+- :func:`quantize_edm`: NVlabs EDM's ``generate.py``, ``(x * 127.5 + 128).clip(0, 255)`` truncated;
+- :func:`quantize_diffusers`: diffusers' ``numpy_to_pil``, ``round(clamp(x / 2 + 0.5, 0, 1) * 255)``.
 
 Three formats are read, matching what the reference code bases write:
 
@@ -31,6 +32,7 @@ from .._atomic import atomic_write
 __all__ = [
     "quantize_adm",
     "quantize_edm",
+    "quantize_diffusers",
     "to_unit_range",
     "IMAGE_EXTENSIONS",
     "load_images",
@@ -65,6 +67,12 @@ def quantize_adm(x: torch.Tensor, crop: int | None = None) -> np.ndarray:
 def quantize_edm(x: torch.Tensor) -> np.ndarray:
     """EDM's ``generate.py`` quantisation: ``(x * 127.5 + 128).clip(0, 255)`` -> uint8 NHWC."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def quantize_diffusers(x: torch.Tensor) -> np.ndarray:
+    """diffusers' ``numpy_to_pil`` quantisation: ``round(clamp(x / 2 + 0.5, 0, 1) * 255)`` -> uint8 NHWC."""
+    u8 = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def to_unit_range(images: np.ndarray, channels: int, size: int) -> torch.Tensor:

@@ -39,15 +39,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["load_pipeline", "build_plan", "quantize_diffusers"]
+from ..data.images import quantize_diffusers
+
+__all__ = ["load_pipeline", "build_plan"]
 
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-
-
-def quantize_diffusers(x: torch.Tensor) -> np.ndarray:
-    """diffusers' ``numpy_to_pil`` quantisation of images in [-1, 1]: uint8 NHWC, rounded."""
-    u8 = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def load_pipeline(path: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
