@@ -49,17 +49,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {action.default})"
 
 
-def _tuning_seed0() -> int:
-    from ..exposure.search import TUNING_SEED0
-
-    return TUNING_SEED0
-
-
-def command_name(args: argparse.Namespace | None) -> str:
-    cmd = getattr(args, "command", None)
-    return f"epsscale {cmd}" if cmd else "epsscale"
-
-
 _CURRENT = ["epsscale"]
 
 
@@ -410,11 +399,10 @@ def peer_options(args: argparse.Namespace, plan: Any) -> Any:
     return plan.replace(sampler_opts={**plan.sampler_opts, **extra}) if extra else plan
 
 
-def build_plan(args: argparse.Namespace, *, for_data: bool = False) -> Any:
+def build_plan(args: argparse.Namespace) -> Any:
     """The run the options describe, from whichever model source they name.
 
     Builders raise ``ValueError`` for settings that cannot apply; they reach the user as one line.
-    ``for_data``: the plan is for measure/calibrate, which need no --seeds or --labels here.
     The peer methods' options are added last (:func:`peer_options`).
     """
     source = source_of(args)
