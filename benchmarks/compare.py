@@ -39,7 +39,8 @@ BEGIN, END = "<!-- compare.py --report: begin -->", "<!-- compare.py --report: e
 
 
 def knob_grid(method: str, steps: int, points: int) -> list[float]:
-    """The values a method's knob is tuned over (``points`` of them, the neutral value first)."""
+    """The values a method's knob is tuned over (``points`` of them; each grid holds the neutral
+    value: b = 1, w = 0, k = 1, c = 0)."""
     from epsscale.timeshift import paper_defaults
 
     if method in ("ES", "IP + ES"):

@@ -154,3 +154,36 @@ def test_a_broken_extractor_is_one_line(sources, tmp_path, capsys):
     data = _data(tmp_path, "data", n=8, seed=0, **data_kw)
     code, out, err = _run(["calibrate", *model, "--data", data, "--extractor", bad, "--out", tmp_path / "l.json"], capsys)
     assert code == 2 and "TorchScript" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fid_with_a_torchscript_extractor(extractor, tmp_path, capsys):
+    a = _data(tmp_path, "a", n=16, size=8, channels=3, seed=1)
+    b = _data(tmp_path, "b", n=16, size=8, channels=3, seed=2)
+    code, out, err = _run(["fid", a, "--ref", b, "--extractor", extractor, "--json", "--quiet"], capsys)
+    assert code == 0, err
+    fid = json.loads(out)["fid"]
+    code, out, err = _run(["fid", a, "--ref", a, "--extractor", extractor, "--json", "--quiet"], capsys)
+    assert code == 0 and json.loads(out)["fid"] < 1e-6 < fid  # the same images score 0, others do not
+
+
+def test_a_class_conditional_unet_pipeline_takes_labels_and_no_clip(tmp_path, capsys):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64), num_class_embeds=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(clip_sample=True, clip_sample_range=0.5)).save_pretrained(tmp_path / "p")
+    base = ["sample", "--diffusers", tmp_path / "p", "--steps", "3", "--seeds", "0-3", "--quiet"]
+    code, out, err = _run([*base, "--labels", "0,1,2,3", "--out", tmp_path / "a.npz"], capsys)
+    assert code == 0, err
+    z = np.load(tmp_path / "a.npz")
+    assert z["arr_1"].tolist() == [0, 1, 2, 3]
+    code, out, err = _run([*base, "--labels", "0,1,2,4", "--out", tmp_path / "b.npz"], capsys)
+    assert code == 2 and "[0, 4)" in err, err  # the model's own number of classes
+    # The scheduler clips x0 to [-0.5, 0.5] unless told otherwise; --no-clip turns it off.
+    from epsscale.integrations.pipelines import build_plan
+
+    assert build_plan(tmp_path / "p", sampler="ddpm", steps=3).sampler_opts["clip"] == 0.5
+    assert build_plan(tmp_path / "p", sampler="ddpm", steps=3, sampler_opts={"clip": None}).sampler_opts["clip"] is None
+    code, out, err = _run([*base, "--no-clip", "--out", tmp_path / "c.npz"], capsys)
+    assert code == 0, err

@@ -184,7 +184,7 @@ def test_calibrate_says_measured_vs_predicted_and_new_vs_cached(tmp_path):
     argv = ["calibrate", "--model", tmp_path / "m", "--sampler", "ddim", "--steps", "2", "--fid-num", "8", "--spacing", "0.05", "--out", tmp_path / "l.json"]
     code, out, err = run(argv)
     assert code == 0, err
-    assert err.count("  b = ") >= 3  # one line per measured point
+    assert err.count("  lambda ") >= 3  # one line per measured point
     summary = next(line for line in out.splitlines() if line.startswith("FID search"))
     doc = json.loads((tmp_path / "l.json").read_text())
     if doc["meta"]["bracketed"]:
@@ -192,7 +192,7 @@ def test_calibrate_says_measured_vs_predicted_and_new_vs_cached(tmp_path):
     assert "network evaluations" in summary and "new" in summary
     code, out, err = run(argv)  # a rerun: every point comes from the cache
     summary = next(line for line in out.splitlines() if line.startswith("FID search"))
-    assert code == 0 and "from the cache: no network evaluations" in summary and "  b = " not in err
+    assert code == 0 and "from the cache: no network evaluations" in summary and "  lambda " not in err
 
 
 @needs_fmnist_data
@@ -266,8 +266,9 @@ def test_calibrate_linear_by_fid_writes_a_linear_schedule_that_sample_reads(tmp_
 
     _tiny_model(tmp_path / "m", data=True)
     out = tmp_path / "lin.json"
-    code, stdout, err = run(["calibrate", "--model", tmp_path / "m", "--sampler", "ddim", "--steps", "3", "--fid-num", "8", "--kind", "linear", "--spacing", "0.05", "--tilt-spacing", "0.05", "--quiet", "--out", out])
+    code, stdout, err = run(["calibrate", "--model", tmp_path / "m", "--sampler", "ddim", "--steps", "3", "--fid-num", "8", "--kind", "linear", "--spacing", "0.05", "--tilt-spacing", "0.05", "--out", out])
     assert code == 0, err
+    assert "  lambda linear (k = " in err and "FID search (linear" in stdout  # the progress lines name each schedule
     sched = load_schedule(out)
     assert isinstance(sched.schedule, Linear) and sched.meta["kind"] == "linear" and len(sched.meta["tilt_points"]) >= 3
     assert abs(sched.schedule.b + sched.schedule.k - sched.meta["mean"]) < 1e-9  # mean over 3 steps = b + k
@@ -275,3 +276,29 @@ def test_calibrate_linear_by_fid_writes_a_linear_schedule_that_sample_reads(tmp_
     assert code == 0 and not err, err
     code, _, err = run(["calibrate", "--model", tmp_path / "m", "--search", "grid", "--kind", "linear", "--out", tmp_path / "x.json"])
     assert code == 2 and "--kind does not apply" in err
+
+
+
+def test_the_toy_is_not_clipped_unless_asked(tmp_path):
+    """--clip's default is the model's convention: ADM's 1 for our models, nothing for the 2-D toy (a ring of radius 2)."""
+    code, _, err = run(["sample", "--model", "toy", "--steps", "10", "--seeds", "0-199", "--quiet", "--out", tmp_path / "a.npz"])
+    assert code == 0, err
+    pts = np.load(tmp_path / "a.npz")["arr_0"]
+    assert np.abs(pts).max() > 1.5
+    code, _, err = run(["sample", "--model", "toy", "--steps", "10", "--seeds", "0-199", "--clip", "1", "--quiet", "--out", tmp_path / "b.npz"])
+    assert code == 0 and np.abs(np.load(tmp_path / "b.npz")["arr_0"]).max() <= 1.0 + 1e-12
+
+
+@needs_fmnist_data
+def test_calibrate_and_measure_with_peer_options(tmp_path):
+    """The peer methods' options are recorded (as descriptions) in the schedule JSON and cache; Time-Shift is refused by measure."""
+    _tiny_model(tmp_path / "m", data=True)
+    base = ["--model", tmp_path / "m", "--sampler", "ddim", "--steps", "3"]
+    code, _, err = run(["calibrate", *base, "--dcw", "0.01", "--search", "grid", "--lo", "1.0", "--hi", "1.02", "--points", "2", "--fid-num", "8", "--quiet", "--out", tmp_path / "l.json"])
+    assert code == 0, err
+    doc = json.loads((tmp_path / "l.json").read_text())
+    assert doc["meta"]["sampler_options"]["dcw"] == ["DCW", {"c": "0.01"}]
+    code, _, err = run(["measure", *base, "--time-shift", "--num", "4", "--out", tmp_path / "m2"])
+    assert code == 2 and "--time-shift" in one_line(err, "epsscale measure: error:")
+    code, _, err = run(["measure", *base, "--labels", "1,2", "--num", "4", "--out", tmp_path / "m3"])
+    assert code == 2 and "--labels is for sample" in err

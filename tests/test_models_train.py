@@ -181,8 +181,11 @@ def test_snapshots_and_fork(tmp_path):
     ip = train(TrainConfig(**{**SMALL, "input_perturbation": 0.1}), tmp_path / "ip", progress=False, init_from=run / "snapshots" / "checkpoint_step000004.pt")
     c = torch.load(ip / "checkpoint.pt", weights_only=True)
     assert not all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
-    with pytest.raises(ValueError, match="starts a new run only"):
-        train(TrainConfig(**{**SMALL, "input_perturbation": 0.1}), tmp_path / "ip", progress=False, init_from=run / "snapshots" / "checkpoint_step000004.pt")
+    # The same fork command again resumes it (here: it is done, so nothing changes); another source is refused.
+    train(TrainConfig(**{**SMALL, "input_perturbation": 0.1}), tmp_path / "ip", progress=False, init_from=run / "snapshots" / "checkpoint_step000004.pt")
+    assert torch.equal(torch.load(ip / "checkpoint.pt", weights_only=True)["ema"]["out.2.weight"], c["ema"]["out.2.weight"])
+    with pytest.raises(ValueError, match="checkpoint of another run"):
+        train(TrainConfig(**{**SMALL, "input_perturbation": 0.1}), tmp_path / "ip", progress=False, init_from=run / "snapshots" / "checkpoint_step000002.pt")
     with pytest.raises(ValueError, match="no such checkpoint"):
         train(TrainConfig(**SMALL), tmp_path / "x", progress=False, init_from=tmp_path / "nope.pt")
 

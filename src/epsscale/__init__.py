@@ -6,9 +6,34 @@ Ning et al., "Elucidating the Exposure Bias in Diffusion Models", ICLR 2024 (arX
 from .adapters import Denoiser, EDMDenoiser, FlowDenoiser, Prediction, VPDenoiser
 from .dcw import DCW
 from .guidance import classifier_free
-from .samplers import SAMPLERS, StackedGenerator, StepInfo, ddim, ddpm, dpmpp_2m, euler, heun, prior
-from .scaling import TSR, Calibrated, Linear, PerSigma, Uniform, eps_scaling, load_schedule, save_schedule
-from .schedules import VPSchedule, alpha_bar_to_sigma, sigma_to_alpha_bar, sigmas_karras, space_timesteps
+from .samplers import (
+    SAMPLERS,
+    StackedGenerator,
+    StepInfo,
+    ddim,
+    ddpm,
+    dpmpp_2m,
+    euler,
+    heun,
+    prior,
+)
+from .scaling import (
+    TSR,
+    Calibrated,
+    Linear,
+    PerSigma,
+    Uniform,
+    eps_scaling,
+    load_schedule,
+    save_schedule,
+)
+from .schedules import (
+    VPSchedule,
+    alpha_bar_to_sigma,
+    sigma_to_alpha_bar,
+    sigmas_karras,
+    space_timesteps,
+)
 from .timeshift import TimeShift
 
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ __all__ = [
     "as_prediction",
     "append_dims",
     "sigma_vector",
+    "forward_attrs",
     "VPDenoiser",
     "EDMDenoiser",
     "FlowDenoiser",
@@ -70,6 +71,18 @@ def sigma_vector(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if s.numel() != x.shape[0]:
         raise ValueError(f"sigma must be a scalar or one value per sample: got {s.numel()} values for a batch of {x.shape[0]}")
     return s.reshape(x.shape[0])
+
+
+# What a wrapper of a denoiser passes through: its sigma range and its rounding of sigma (EDM).
+FORWARDED = ("sigma_min", "sigma_max", "round_sigma")
+
+
+def forward_attrs(wrapper: Any, inner: Any) -> None:
+    """Give a denoiser wrapper the inner denoiser's ``sigma_min``, ``sigma_max`` and ``round_sigma``
+    (where it has them), so that samplers see the wrapped model's range and rounding."""
+    for attr in FORWARDED:
+        if hasattr(inner, attr):
+            setattr(wrapper, attr, getattr(inner, attr))
 
 
 def append_dims(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

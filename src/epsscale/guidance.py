@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .adapters import Denoiser, Prediction, as_prediction
+from .adapters import Denoiser, Prediction, as_prediction, forward_attrs
 from .checks import check_number
 
 __all__ = ["ClassifierFree", "classifier_free"]
@@ -32,9 +32,7 @@ class ClassifierFree:
         self.inner = denoiser
         self.scale = float(scale)
         self.uncond = dict(uncond)
-        for attr in ("sigma_min", "sigma_max", "round_sigma"):
-            if hasattr(denoiser, attr):
-                setattr(self, attr, getattr(denoiser, attr))
+        forward_attrs(self, denoiser)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor | Prediction:
         out_c = self.inner(x, sigma, **cond)

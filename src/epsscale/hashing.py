@@ -6,6 +6,7 @@ keys. All are the first ``length`` hex digits (16 by default) of a SHA-256.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-__all__ = ["digest_bytes", "digest_file", "digest_json", "digest_ints", "digest_tensor", "digest_state", "digest_tree"]
+__all__ = ["describe", "digest_bytes", "digest_file", "digest_json", "digest_ints", "digest_tensor", "digest_state", "digest_tree"]
 
 
 def digest_bytes(data: bytes | Iterable[bytes], length: int = 16) -> str:
@@ -67,3 +68,33 @@ def digest_tree(path: str | os.PathLike, length: int = 12) -> str:
             yield f"|{f.relative_to(p) if f != p else ''}|{st.st_size}|{st.st_mtime_ns}".encode()
 
     return digest_bytes(pieces(), length)
+
+
+def describe(o: Any) -> Any:
+    """A JSON-able description of a value (sampler options, a plan's settings) that is the same in
+    every process and every run: resume manifests, cache keys and schedule JSONs record it.
+
+    ``str(obj)`` of a function or hook embeds a memory address; here an object becomes its
+    type's name plus its plain scalar attributes (e.g. a guidance ``scale``, DCW's ``c``), a
+    dataclass its fields, a tensor its dtype, shape and digest, a float its ``repr``.
+    """
+    if o is None or isinstance(o, (bool, int, str)):
+        return o
+    if isinstance(o, float):
+        return repr(o)
+    if isinstance(o, (list, tuple)):
+        if len(o) > 64:  # a table: its digest
+            return ["sequence", len(o), digest_json([describe(v) for v in o])]
+        return [describe(v) for v in o]
+    if isinstance(o, dict):
+        return {str(k): describe(v) for k, v in sorted(o.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(o, torch.Tensor):
+        t = o.detach().cpu().contiguous()
+        return ["tensor", str(t.dtype), list(t.shape), digest_tensor(t)]
+    if isinstance(o, np.ndarray):
+        return describe(torch.from_numpy(np.ascontiguousarray(o)))
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):  # its compared fields (a VPSchedule's kind and table, ...)
+        return [type(o).__qualname__, describe({f.name: getattr(o, f.name) for f in dataclasses.fields(o) if f.compare})]
+    name = getattr(o, "__qualname__", None) or f"{type(o).__module__}.{type(o).__qualname__}"
+    attrs = {k: v for k, v in vars(o).items() if isinstance(v, (bool, int, float, str)) and not k.startswith("_")} if hasattr(o, "__dict__") and not callable(getattr(o, "__code__", None)) else {}
+    return [name, describe(attrs)]

@@ -8,7 +8,7 @@ source                 builder
 epsscale models        :func:`epsscale.models.pretrained.build_plan`
 guided-diffusion       :func:`epsscale.integrations.guided_diffusion.build_plan`
 EDM and PFGM++         :func:`epsscale.models.edm.build_plan`
-diffusers pipelines    :func:`epsscale.integrations.diffusers.build_plan`
+diffusers pipelines    :func:`epsscale.integrations.pipelines.build_plan`
 the 2-D toy            :func:`epsscale.data.toy.build_plan`
 =====================  ===========================================
 
@@ -36,7 +36,15 @@ import numpy as np
 import torch
 
 from .samplers import SAMPLERS, StackedGenerator, nfe, prior
-from .scaling import Calibrated, EpsScaled, ScheduleLike, eps_scaling, is_schedule_spec, load_schedule, parse_schedule_spec
+from .scaling import (
+    Calibrated,
+    EpsScaled,
+    ScheduleLike,
+    eps_scaling,
+    is_schedule_spec,
+    load_schedule,
+    parse_schedule_spec,
+)
 
 __all__ = ["SamplingPlan", "choose_lam", "schedule_mismatch", "fingerprint_file"]
 
@@ -227,7 +235,7 @@ def schedule_mismatch(lam: ScheduleLike, plan: SamplingPlan) -> str | None:
     m = lam.meta
     tuned = m.get("tuned_on") if isinstance(m.get("tuned_on"), dict) else m
     diffs = []
-    if tuned.get("fingerprint") and plan.fingerprint and tuned["fingerprint"] != plan.fingerprint:
+    if tuned.get("fingerprint") and plan.fingerprint and _weights_id(tuned["fingerprint"]) != _weights_id(plan.fingerprint):
         diffs.append("model")
     if tuned.get("sampler") and tuned["sampler"] != plan.sampler:
         diffs.append(f"sampler {tuned['sampler']}")
@@ -240,6 +248,18 @@ def schedule_mismatch(lam: ScheduleLike, plan: SamplingPlan) -> str | None:
     if not diffs:
         return None
     return f"this schedule was tuned for {', '.join(diffs)}; it is used here as it is"
+
+
+def _weights_id(fingerprint: str) -> tuple[str, str]:
+    """What identifies weights across checkouts: the file name and its size (or a folder's digest),
+    not the path and the modification time that :func:`fingerprint_file` adds for resumes."""
+    from pathlib import Path
+
+    parts = str(fingerprint).rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit():  # path:size:mtime
+        return Path(parts[0]).name, parts[1]
+    head, _, digest = str(fingerprint).rpartition(":")
+    return Path(head).name, digest
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:

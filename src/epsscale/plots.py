@@ -99,7 +99,9 @@ def plot_eps_norms(result: EpsNormResult, path: str | os.PathLike) -> None:
 
 def plot_fid_vs_b(points: FidSearchResult | Sequence[tuple[float, float]] | Mapping[float, float], path: str | os.PathLike) -> None:
     """Score (FID) against uniform b, best point marked; writes a PNG."""
-    from .exposure.search import FidSearchResult  # here: epsscale.exposure imports this module
+    from .exposure.search import (
+        FidSearchResult,  # here: epsscale.exposure imports this module
+    )
 
     if isinstance(points, FidSearchResult):
         pts = list(points.points)

@@ -49,6 +49,8 @@ __all__ = [
     "heun",
     "dpmpp_2m",
     "SAMPLERS",
+    "VP_SAMPLERS",
+    "TIME_SHIFT_SAMPLERS",
     "nfe",
 ]
 
@@ -211,6 +213,7 @@ def ddpm_posterior(
     *,
     variance: Variance = "auto",
     sigma: torch.Tensor | None = None,
+    ends: bool | None = None,
 ) -> DDPMStep:
     """q(x_{t-1} | x_t, x0 = pred.x0) on the chain given by ``sigmas`` at step i (Ho et al. eq. 7).
 
@@ -219,13 +222,16 @@ def ddpm_posterior(
     posterior variance is 0, so, as guided-diffusion does, its log is clipped to that of the
     step before ("posterior_log_variance_clipped"). ``sigma`` replaces the starting level
     ``sigmas[i]`` (Time-Shift: per sample, broadcastable against x); the target stays
-    ``sigmas[i + 1]``.
+    ``sigmas[i + 1]``. ``ends``: whether the step ends the chain (``sigmas[i + 1] == 0``), when the
+    caller knows it on the host (no device sync per step); None reads it from ``sigmas``.
     """
     s, s_next = (sigmas[i] if sigma is None else sigma), sigmas[i + 1]
+    if ends is None:
+        ends = not bool(s_next > 0)
     a_t, a_p = sigma_to_alpha_bar(s), sigma_to_alpha_bar(s_next)
     beta = 1 - a_t / a_p
     post_var = _posterior_variance(s, s_next)
-    if s_next > 0:
+    if not ends:
         clip_var = post_var
     elif i > 0:
         clip_var = _posterior_variance(sigmas[i - 1], s)
@@ -246,7 +252,7 @@ def ddpm_posterior(
         var = post_var.to(dt).expand_as(mean)
         log_var = clip_var.log().to(dt).expand_as(mean)
     elif variance == "fixed_large":
-        large = beta if s_next > 0 else clip_var
+        large = beta if not ends else clip_var
         var = large.to(dt).expand_as(mean)
         log_var = large.log().to(dt).expand_as(mean)
     elif variance == "learned_range":
@@ -313,7 +319,7 @@ def ddpm(
         # Model call and posterior.
         x_ve, pred = _vp_call(denoiser, x_vp, s, cond)
         pred = pred.replace_x0(_clip(pred.x0, clip))
-        post = ddpm_posterior(pred, x_vp, sigmas, i, variance=variance, sigma=None if shifted is None else s)
+        post = ddpm_posterior(pred, x_vp, sigmas, i, variance=variance, sigma=None if shifted is None else s, ends=grid[i + 1] == 0)
         mean = post.mean
         if classifier_grad is not None:
             grad = classifier_grad(x_vp, _sig(s, x_vp), **(cond or {}))
@@ -557,6 +563,10 @@ def dpmpp_2m(
         x = x_next
     return x
 
+
+# The samplers that step in VP units (and take clip=), and those that take time_shift=.
+VP_SAMPLERS = ("ddpm", "ddim")
+TIME_SHIFT_SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": ddpm,

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from . import store
-from .adapters import Denoiser, Prediction, as_prediction, sigma_vector
+from .adapters import Denoiser, Prediction, as_prediction, forward_attrs, sigma_vector
 from .checks import check_int
 from .distributed import all_gather_object, barrier, broadcast_object, rank, world_size
+from .hashing import describe, digest_json
 from .plan import SamplingPlan
 from .samplers import StackedGenerator
 
@@ -97,9 +98,7 @@ class CheckFinite:
     def __init__(self, denoiser: Denoiser, sigmas: torch.Tensor) -> None:
         self.inner = denoiser
         self.log_grid = torch.as_tensor(sigmas, dtype=torch.float64)[:-1].log()
-        for attr in ("sigma_min", "sigma_max", "round_sigma", "lam", "schedule"):
-            if hasattr(denoiser, attr):
-                setattr(self, attr, getattr(denoiser, attr))
+        forward_attrs(self, denoiser)
 
     def step_of(self, sigma: float) -> int:
         """The 0-based index of the grid step nearest ``sigma`` (in log sigma); -1 for sigma <= 0."""
@@ -142,6 +141,7 @@ def sample_seeds(
     work_dir: str | os.PathLike | None = None,
     outputs: Sequence[str | os.PathLike | None] = (),
     progress: bool = False,
+    alone: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Sample one image per seed; returns (quantised samples in seed order, labels or None) on rank 0.
 
@@ -149,7 +149,8 @@ def sample_seeds(
     :mod:`epsscale.store`); ``outputs`` names the final files the caller will write, whose stale
     temporaries a restart removes. Class labels: ``plan.labels`` (one per seed) if given, else,
     for a class-conditional model, each seed draws its label from its own generator right after
-    x_T (EDM's ``generate.py``). Other ranks return None.
+    x_T (EDM's ``generate.py``). Other ranks return None. ``alone``: this process samples every
+    seed itself, whatever the process group (a caller that runs on rank 0 only, as calibrate does).
     """
     from tqdm import tqdm
 
@@ -157,7 +158,7 @@ def sample_seeds(
     seeds = _check_seeds(seeds, plan.labels)
     labels = plan.labels_for(seeds)
     label_of = dict(zip(seeds, labels)) if labels is not None else None
-    r, w = rank(), world_size()
+    r, w = (0, 1) if alone else (rank(), world_size())
     guarded = plan.scaled_denoiser(CheckFinite(plan.denoiser, plan.sigmas))
     device = plan.device
 
@@ -167,8 +168,8 @@ def sample_seeds(
     parts: dict[Path, tuple] = {}
     done: set[int] = set()
     if wd is not None:
-        meta = {"model": plan.fingerprint, "lam": repr(plan.lam), **plan.meta}
-        job = store.Job(plan.sampler, tuple(float(s) for s in plan.sigmas), plan.shape, plan.prior_kind, str(meta["lam"]), store.job_options(dict(plan.sampler_opts)), str(meta["model"]))
+        meta = {**plan.meta, "model": plan.fingerprint, "lam": repr(plan.lam)}
+        job = store.Job(plan.sampler, tuple(float(s) for s in plan.sigmas), plan.shape, plan.prior_kind, str(meta["lam"]), store.job_options(dict(plan.sampler_opts)), str(meta["model"]), digest_json(describe(dict(plan.meta))))
         manifest = store.manifest_for(job, seeds, labels, world_size=w, batch_size=batch_size, meta=meta)
         status: tuple[str, Any, ...]
         if r == 0:
@@ -179,7 +180,7 @@ def sample_seeds(
                 status = ("error", str(e) if isinstance(e, ValueError) else f"cannot use work directory {wd}: {e.strerror or e}")
         else:
             status = ("ok", [], batch_size)
-        status = broadcast_object(status)
+        status = broadcast_object(status) if w > 1 else status
         if status[0] == "error":
             raise ValueError(status[1])
         done, batch_size = set(status[1]), status[2]
@@ -216,12 +217,13 @@ def sample_seeds(
 
         # Gather on rank 0.
         if wd is None:
-            gathered = all_gather_object(local)
+            gathered = all_gather_object(local) if w > 1 else [local]
             if r != 0:
                 return None
             plist = [p for g in gathered for p in g]
         else:
-            barrier()
+            if w > 1:
+                barrier()
             if r != 0:
                 return None
             plist = store.assemble(wd, seeds, parts)

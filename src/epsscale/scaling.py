@@ -36,7 +36,14 @@ from typing import Any, Protocol, Union
 import torch
 
 from ._atomic import atomic_write_text
-from .adapters import Denoiser, Prediction, append_dims, sigma_vector, as_prediction
+from .adapters import (
+    Denoiser,
+    Prediction,
+    append_dims,
+    as_prediction,
+    forward_attrs,
+    sigma_vector,
+)
 from .schedules import check_grid
 
 __all__ = [
@@ -285,10 +292,7 @@ class EpsScaled:
     def __init__(self, denoiser: Denoiser, schedule: Lookup) -> None:
         self.inner = denoiser
         self.schedule = schedule
-        # Let samplers see the wrapped model's sigma range and rounding.
-        for attr in ("sigma_min", "sigma_max", "round_sigma"):
-            if hasattr(denoiser, attr):
-                setattr(self, attr, getattr(denoiser, attr))
+        forward_attrs(self, denoiser)  # samplers see the wrapped model's sigma range and rounding
 
     def lam(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.schedule.lam(sigma)

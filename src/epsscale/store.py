@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ._atomic import atomic_open, atomic_write_text
 from .distributed import rank
-from .hashing import digest_ints, digest_json, digest_tensor
+from .hashing import describe, digest_ints, digest_json
 
 __all__ = ["Job", "job_options", "manifest_for", "shard_name", "read_shard", "write_shard", "prepare", "assemble", "finish", "remove_stale_temps"]
 
@@ -60,6 +59,7 @@ class Job:
     lam: str
     options: str
     model: str
+    settings: str = ""  # a digest of the rest of the plan's settings (guidance, prompts, a classifier, ...)
 
     def key(self) -> str:
         return digest_json(asdict(self))
@@ -72,32 +72,8 @@ class Job:
 
 
 def job_options(options: Any) -> str:
-    """The sampler options of a job as canonical JSON (see :func:`_stable`)."""
-    return json.dumps(_stable(options or {}), sort_keys=True)
-
-
-def _stable(o: Any) -> Any:
-    """A JSON-able description of a sampler option that is the same in every process.
-
-    ``str(obj)`` of a function or hook embeds a memory address; here an object becomes its
-    type's name plus its plain scalar attributes (e.g. a guidance ``scale``), a tensor its hash.
-    """
-    if o is None or isinstance(o, (bool, int, str)):
-        return o
-    if isinstance(o, float):
-        return repr(o)
-    if isinstance(o, (list, tuple)):
-        return [_stable(v) for v in o]
-    if isinstance(o, dict):
-        return {str(k): _stable(v) for k, v in sorted(o.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(o, torch.Tensor):
-        t = o.detach().cpu().contiguous()
-        return ["tensor", str(t.dtype), list(t.shape), digest_tensor(t)]
-    if isinstance(o, np.ndarray):
-        return _stable(torch.from_numpy(np.ascontiguousarray(o)))
-    name = getattr(o, "__qualname__", None) or f"{type(o).__module__}.{type(o).__qualname__}"
-    attrs = {k: v for k, v in vars(o).items() if isinstance(v, (bool, int, float, str)) and not k.startswith("_")} if hasattr(o, "__dict__") and not callable(getattr(o, "__code__", None)) else {}
-    return [name, _stable(attrs)]
+    """The sampler options of a job as canonical JSON (see :func:`epsscale.hashing.describe`)."""
+    return json.dumps(describe(options or {}), sort_keys=True)
 
 
 _SHARD = re.compile(r"seeds-(\d+)-(\d+)\.npz")
@@ -221,8 +197,9 @@ class _Lock:
 def manifest_for(job: Job, seeds: Sequence[int], labels: Sequence[int] | None, *, world_size: int, batch_size: int, meta: dict | None = None) -> dict:
     """The ``run.json`` of a run: the job (its key and fields), digests of seeds and labels."""
     return {
+        **(meta or {}),
         "job": job.key(), "job_fields": job.fields(), "seeds": digest_ints(seeds), "labels": None if labels is None else digest_ints(labels),
-        "num_seeds": len(seeds), "world_size": world_size, "batch_size": batch_size, **(meta or {}),
+        "num_seeds": len(seeds), "world_size": world_size, "batch_size": batch_size,
     }
 
 
@@ -232,7 +209,7 @@ def _differences(old: dict, new: dict) -> list[str]:
     a, b = old.get("job_fields"), new.get("job_fields")
     if old.get("job") != new.get("job"):
         if isinstance(a, dict) and isinstance(b, dict):
-            names = {"sigmas": "grid (steps, discretisation or sigma-max)", "options": "sampler options", "lam": "lambda", "model": "model weights"}
+            names = {"sigmas": "grid (steps, discretisation or sigma-max)", "options": "sampler options", "lam": "lambda", "model": "model weights", "settings": "model settings (guidance, prompts, classifier, flags)"}
             out += [names.get(k, k) for k in b if a.get(k) != b.get(k)]
         else:
             out.append("sampling settings")

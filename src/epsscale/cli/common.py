@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..samplers import TIME_SHIFT_SAMPLERS, VP_SAMPLERS
+
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m")
-VP_SAMPLERS = ("ddpm", "ddim")
 SIGMA_SAMPLERS = ("euler", "heun", "dpmpp_2m")
 
 # The biggest batch a run uses by default. Measured on this project's 2-core CPU with the
@@ -225,7 +226,7 @@ def format_lam(lam: Any) -> str:
 # Sampler options: (option, dest, default, the samplers it applies to).
 SAMPLER_OPTIONS = (
     ("--eta", "eta", 0.0, ("ddim",)),
-    ("--clip", "clip", 1.0, VP_SAMPLERS),
+    ("--clip", "clip", None, VP_SAMPLERS),
     ("--s-churn", "s_churn", 0.0, ("euler", "heun")),
     ("--s-tmin", "s_tmin", 0.0, ("euler", "heun")),
     ("--s-tmax", "s_tmax", float("inf"), ("euler", "heun")),
@@ -262,8 +263,8 @@ def add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = 20)
     es.add_argument("--eps-scale", type=lam_float, default=None, metavar="B", help="uniform Epsilon Scaling lambda: eps / B (default: 1, off; a preset's with --preset)")
     es.add_argument("--eps-schedule", default=None, metavar="FILE|SPEC", help="a schedule JSON (from epsscale calibrate), or Temporal Score Rescaling as tsr or tsr:k=0.95,sigma=1 (lambda = 1/r(sigma))")
     g.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM's stochasticity eta (ddim only)")
-    g.add_argument("--clip", type=positive_float, default=1.0, help="clip x0 to [-c, c] (ddpm and ddim; ADM: 1)")
-    g.add_argument("--no-clip", dest="clip", action="store_const", const=None, help="do not clip x0 (ddpm and ddim)")
+    g.add_argument("--clip", type=positive_float, default=None, help="clip x0 to [-c, c] (ddpm and ddim; default: the model's convention: 1 for epsscale and ADM models, a diffusers scheduler's clip_sample, none for the toy)")
+    g.add_argument("--no-clip", dest="clip", action="store_const", const=math.inf, help="do not clip x0 (ddpm and ddim)")
     g.add_argument("--s-churn", type=nonneg_float, default=0.0, help="EDM's S_churn (euler, heun)")
     g.add_argument("--s-tmin", type=nonneg_float, default=0.0, help="EDM's S_tmin (euler, heun)")
     g.add_argument("--s-tmax", type=tmax_float, default=float("inf"), help="EDM's S_tmax (euler, heun)")
@@ -271,7 +272,7 @@ def add_sampling_options(p: argparse.ArgumentParser, *, default_steps: int = 20)
     peers = p.add_argument_group("peer methods (compose with Epsilon Scaling)")
     peers.add_argument("--time-shift", action="store_true", help="Time-Shift sampling (Li et al., ICLR 2024): call the network at the timestep whose 1 - abar is nearest the state's variance (ddpm, ddim, euler, heun; discrete VP models)")
     peers.add_argument("--ts-window", type=nonneg_int, default=None, metavar="W", help="with --time-shift: search window in original timesteps (default: the paper's for the step count: 40/30/8/2 at 10/20/50/100 steps, the nearest count otherwise; 0 = off)")
-    peers.add_argument("--ts-cutoff", type=nonneg_int, default=None, metavar="C", help="with --time-shift: no shift once the planned timestep is <= C (default: 300, 200 at 10 steps)")
+    peers.add_argument("--ts-cutoff", type=nonneg_int, default=None, metavar="C", help="with --time-shift: no shift once the planned timestep is <= C (default: the paper's for the nearest of 10/20/50/100 steps: 200 at 10, else 300)")
     peers.add_argument("--dcw", type=nonneg_float, default=None, metavar="C", help="DCW (arXiv 2604.16044): after each step move the state's Haar LL band away from x0 by C sigma_i / sigma_max (images with even height and width; 0 = off; the official script uses 0.005)")
     p.set_defaults(_default_steps=default_steps)
 
@@ -291,8 +292,8 @@ def sampler_options(args: argparse.Namespace, sampler: str) -> dict[str, Any]:
     sampler does not take is a one-line warning. (The peer methods' options, which need the
     model's schedule and sample shape, are added to every plan by :func:`peer_options`.)"""
     opts: dict[str, Any] = {}
-    if sampler in VP_SAMPLERS and args.clip is not None:
-        opts["clip"] = args.clip
+    if sampler in VP_SAMPLERS and args.clip is not None:  # given: a number, or off (--no-clip)
+        opts["clip"] = None if math.isinf(args.clip) else args.clip
     if sampler == "ddim":
         opts["eta"] = args.eta
     if sampler in ("euler", "heun"):
@@ -321,8 +322,11 @@ def parse_labels(spec: str | None, n: int, num_classes: int = 1000) -> list[int]
             raise UserError(f"--labels: expected integers like 3,1,4 or a .npy file, got {spec!r}") from None
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         raise UserError(f"--labels: {spec} holds non-numbers; need integer class labels")
-    if len(values) != n or any(not float(v).is_integer() or not 0 <= int(v) < num_classes for v in values):
-        raise UserError(f"--labels: need {n} integer labels in [0, {num_classes}), got {len(values)}")
+    if len(values) != n:
+        raise UserError(f"--labels: need one label per seed ({n}), got {len(values)}")
+    bad = next((v for v in values if not float(v).is_integer() or not 0 <= int(v) < num_classes), None)
+    if bad is not None:
+        raise UserError(f"--labels: labels must be integers in [0, {num_classes}) for this model, got {bad}")
     return [int(v) for v in values]
 
 
@@ -359,7 +363,7 @@ def _refuse_foreign(args: argparse.Namespace, source: str) -> None:
         raise UserError("--classifier-scale needs --classifier CKPT")
 
 
-PEER_SAMPLERS = ("ddpm", "ddim", "euler", "heun")  # the samplers that take time_shift
+PEER_SAMPLERS = TIME_SHIFT_SAMPLERS
 
 
 def _check_peer_args(args: argparse.Namespace, source: str) -> None:
@@ -388,7 +392,10 @@ def peer_options(args: argparse.Namespace, plan: Any) -> Any:
         T = plan.schedule.num_timesteps
         if args.ts_cutoff is not None and args.ts_cutoff > T - 1:
             raise UserError(f"--ts-cutoff must be in [0, {T - 1}] (a timestep of the model's schedule), got {args.ts_cutoff}")
-        extra["time_shift"] = TimeShift.for_steps(plan.schedule, plan.steps, window=args.ts_window, cutoff=args.ts_cutoff)
+        from ..timeshift import paper_defaults
+
+        cutoff = args.ts_cutoff if args.ts_cutoff is not None else min(paper_defaults(plan.steps)[1], T - 1)  # the paper's, within a short schedule
+        extra["time_shift"] = TimeShift.for_steps(plan.schedule, plan.steps, window=args.ts_window, cutoff=cutoff)
     if getattr(args, "dcw", None):
         from ..dcw import DCW
 
@@ -418,8 +425,8 @@ def _build_plan(args: argparse.Namespace, source: str) -> Any:
         from ..integrations import guided_diffusion
 
         overrides = [opt for opt, dest in (("--sampler", "sampler"), ("--disc", "grid_kind"), ("--sigma-max", "sigma_max")) if getattr(args, dest) is not None]
-        overrides += [opt for opt, dest, default, _ in SAMPLER_OPTIONS if getattr(args, dest) != default and not (dest == "clip")]
-        if args.clip != 1.0:
+        overrides += [opt for opt, dest, default, _ in SAMPLER_OPTIONS if getattr(args, dest) != default and dest != "clip"]
+        if args.clip is not None:
             overrides.append("--clip/--no-clip")
         if args.steps is not None and not args.preset:
             overrides.insert(0, "--steps")
@@ -446,9 +453,7 @@ def _build_plan(args: argparse.Namespace, source: str) -> Any:
     if source == "diffusers":
         from ..integrations import pipelines
 
-        opts = sampler_options(args, sampler)
-        if "clip" not in given_sampler_options(args):
-            opts.pop("clip", None)  # the scheduler's own clip_sample decides
+        opts = sampler_options(args, sampler)  # without --clip/--no-clip the scheduler's clip_sample decides
         return pipelines.build_plan(
             args.diffusers, sampler=sampler, steps=steps, disc=args.grid_kind or "respaced", sigma_max=args.sigma_max,
             sampler_opts=opts, lam=lam, prompts=read_prompts(args.prompt_file), guidance_scale=args.guidance_scale, device=dev,

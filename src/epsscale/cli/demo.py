@@ -54,11 +54,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fmnist_demo(out: Path, *, num: int | None = None, batch: int | None = None, seed0: int = 0, quiet: bool = False) -> int:
+    from .._atomic import atomic_write_text
     from ..metrics import compute_fid, feature_stats, get_extractor, reference_stats
-    from ..models.pretrained import DEMO_SETTINGS, ES_FILE, load_model, shipped_lambdas, shipped_plan
+    from ..models.pretrained import (
+        DEMO_SETTINGS,
+        ES_FILE,
+        load_model,
+        shipped_lambdas,
+        shipped_plan,
+    )
     from ..plots import panel_grid
     from ..sampling import sample_seeds
-    from .._atomic import atomic_write_text
 
     num = num or 300
     batch = batch or common.auto_batch(num)
@@ -84,8 +90,9 @@ def fmnist_demo(out: Path, *, num: int | None = None, batch: int | None = None, 
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     table = _markdown_table(rows)
     atomic_write_text(out / "report.md", f"# epsscale demo: Fashion-MNIST, {num} samples per setting\n\n{table}\n\nFID uses the project's Fashion-MNIST classifier features; lambda chosen on other seeds ({ES_FILE.name}).\n")
-    print(table)
-    print(f"\nwrote {out / 'samples.png'}, {out / 'report.md'}, {out / 'report.json'} in {report['seconds']}s")
+    if not quiet:
+        print(table)
+        print(f"\nwrote {out / 'samples.png'}, {out / 'report.md'}, {out / 'report.json'} in {report['seconds']}s")
     return 0
 
 
@@ -154,6 +161,7 @@ def toy_demo(out: Path, *, num: int | None = None, steps: int = 20, quiet: bool 
     scatter_points([(f"{k}\nFD {rows[k]['frechet']:.4f}", v) for k, v in results.items()], out / "toy.png", reference=ref[:4000])
     atomic_write_text(out / "toy_report.json", json.dumps({"steps": steps, "num": num, "lambda": best, "lambda_scores": {str(k): v for k, v in scores.items()}, "rows": rows}, indent=2) + "\n")
     atomic_write_text(out / "toy_report.md", "# epsscale demo: 2-D mixture\n\n" + table + "\n")
-    print(table)
-    print(f"\nwrote {out / 'toy.png'} and {out / 'toy_report.md'}")
+    if not quiet:
+        print(table)
+        print(f"\nwrote {out / 'toy.png'} and {out / 'toy_report.md'}")
     return 0

@@ -11,8 +11,10 @@ from functools import wraps
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import common
+from ..adapters import forward_attrs
 from ..exposure.search import TUNING_SEED0
+from ..hashing import describe, digest_json
+from . import common
 from .common import UserError
 from .fid import add_extractor_options, extractor_from_args
 
@@ -133,7 +135,7 @@ def real_images(plan: Any, data: str | None, num: int, seed: int) -> tuple[Any, 
         raise UserError(f"--num {num} exceeds the {len(images)} images of {what}")
     idx = np.sort(np.random.default_rng(seed).choice(len(images), num, replace=False))
     try:
-        x0 = plan.data_space(images[idx])
+        x0 = plan.data_space(images[idx]).to(plan.device)
     except ValueError as e:
         raise UserError(f"--data {what}: {e}") from None
     cond: dict = {}
@@ -154,9 +156,7 @@ class _Counting:
 
     def __init__(self, inner: Any, bar: Any) -> None:
         self.inner, self.bar = inner, bar
-        for attr in ("sigma_min", "sigma_max", "round_sigma"):
-            if hasattr(inner, attr):
-                setattr(self, attr, getattr(inner, attr))
+        forward_attrs(self, inner)
 
     def __call__(self, x: Any, sigma: Any, **cond: Any) -> Any:
         out = self.inner(x, sigma, **cond)
@@ -173,6 +173,19 @@ def _progress(plan: Any, show: bool, desc: str, total: int) -> Iterator[Any]:
         yield _Counting(plan.denoiser, bar)
 
 
+def _refuse_labels(args: argparse.Namespace) -> None:
+    if args.labels is not None:
+        raise UserError("--labels is for sample; measure and calibrate take class labels from --data (an .npz's arr_1), else each seed draws its own")
+
+
+def _refuse_for_measurements(args: argparse.Namespace, plan: Any) -> None:
+    """What measure and calibrate cannot take, in one line each."""
+    if "time_shift" in plan.sampler_opts:
+        raise UserError("--time-shift moves each sample to its own sigma, which delta_t and the eps-norm curves (one sigma per step) cannot report; measure it by FID with benchmarks/compare.py")
+    if getattr(args, "start", "data") == "prior" and plan.prior == "pfgmpp":
+        raise UserError("--start prior draws a Gaussian prior; PFGM++'s (--aug-dim) is not one: use --start data")
+
+
 def _warn_deterministic_top(plan: Any) -> None:
     """A deterministic sigma-space sampler from the top of a 1000-step cosine chain blows up."""
     top = float(plan.sigmas[0])
@@ -187,17 +200,25 @@ def _warn_deterministic_top(plan: Any) -> None:
 
 @_rank0_only
 def measure(args: argparse.Namespace) -> int:
-    from .._atomic import atomic_write_text
     import dataclasses
 
-    from ..exposure import eps_norms, exposure_json, measure_exposure, plot_delta, plot_eps_norms
+    from .._atomic import atomic_write_text
+    from ..exposure import (
+        eps_norms,
+        exposure_json,
+        measure_exposure,
+        plot_delta,
+        plot_eps_norms,
+    )
 
     common.set_threads(args)
     out = common.out_dir(args.out)
     common.writable(out / "exposure.json") if out.exists() else common.writable_later(out / "exposure.json")
     if args.num < 2:
         raise UserError(f"--num must be at least 2 (delta_t is a variance over images), got {args.num}")
+    _refuse_labels(args)
     plan = common.build_plan(args)
+    _refuse_for_measurements(args, plan)
     _warn_deterministic_top(plan)
     x0, cond, data_name = real_images(plan, args.data, args.num, args.data_seed)
     lam = None if isinstance(plan.lam, (int, float)) and plan.lam == 1.0 else plan.lam  # ES off: the baseline alone
@@ -249,7 +270,7 @@ _ONLY = {
     "--hi": ("hi", None, lambda a: a.method == "fid"),
     "--fid-num": ("fid_num", None, lambda a: a.method == "fid"),
     "--cache": ("cache", None, lambda a: a.method == "fid"),
-    "--extractor": ("extractor", "fmnist", lambda a: a.method == "fid"),
+    "--extractor": ("extractor", None, lambda a: a.method == "fid"),
     "--inception": ("inception", None, lambda a: a.method == "fid"),
     "--points": ("points", 7, lambda a: a.method == "fid" and a.search == "grid"),
     "--tol": ("tol", 1e-3, lambda a: a.method == "fid" and a.search == "golden"),
@@ -273,11 +294,11 @@ def _check_calibrate_options(args: argparse.Namespace) -> None:
         raise UserError(f"--spacing {args.spacing:g}: the parabola's points are b apart by this much; expected a small number such as 0.01 (did you mean --steps?)")
 
 
-def _calibrate_linear(args: argparse.Namespace, plan: Any, evaluate: Callable[[Any], float], num: int, cache: Path, key: dict, meta: dict, ref: str, ext: Any, t0: float, out: Path, png: Path) -> int:
+def _calibrate_linear(args: argparse.Namespace, plan: Any, evaluate: Callable[[Any], float], num: int, lo: float, hi: float, cache: Path, key: dict, meta: dict, ref: str, ext: Any, t0: float, out: Path, png: Path) -> int:
     """--method fid --kind linear: the parabola over uniform b, then over the tilt (exposure.linear_search)."""
     from ..exposure import linear_search, plot_fid_vs_b, write_calibrated_schedule
 
-    res = linear_search(evaluate, plan.steps, center=args.center, step=args.spacing, tilt_step=args.tilt_spacing, cache_path=cache, key=key)
+    res = linear_search(evaluate, plan.steps, center=args.center, step=args.spacing, tilt_step=args.tilt_spacing, lo=lo, hi=hi, cache_path=cache, key=key)
     sched = res.schedule
     new_nfe = res.new_evaluations * num * plan.nfe
     meta.update(search="parabola", kind="linear", num=num, seed0=TUNING_SEED0, points={str(k): v for k, v in res.uniform.points}, tilt_points={str(k): v for k, v in res.tilt.points},
@@ -296,26 +317,35 @@ def _tuned_on(plan: Any, args: argparse.Namespace, data: str, extra: dict) -> di
     """What a schedule JSON records about the run it was tuned on (``sample`` checks it)."""
     return {
         "model": plan.name, "fingerprint": plan.fingerprint, "sampler": plan.sampler, "steps": plan.steps, "disc": plan.meta.get("disc"),
-        "sigmas": [round(float(v), 12) for v in plan.sigmas], "sampler_options": {k: v for k, v in plan.sampler_opts.items() if k != "classifier_grad"},
+        "sigmas": [round(float(v), 12) for v in plan.sigmas], "sampler_options": describe(dict(plan.sampler_opts)), "settings": digest_json(describe(dict(plan.meta))),
         "data": data, "method": args.method, **extra,
     }
 
 
 @_rank0_only
 def calibrate(args: argparse.Namespace) -> int:
-    from ..exposure import calibrate_norm_matching, fid_objective, fid_search, plot_fid_vs_b, write_calibrated_schedule
+    from ..exposure import (
+        calibrate_norm_matching,
+        fid_objective,
+        fid_search,
+        plot_fid_vs_b,
+        write_calibrated_schedule,
+    )
     from ..metrics import reference_stats
-    from ..scaling import Uniform
     from ..plots import plot_calibration
+    from ..scaling import Uniform
 
     _check_calibrate_options(args)
     common.set_threads(args)
     out = common.writable(args.out, "--out")
     if out.suffix != ".json":
         raise UserError(f"--out must end in .json, got {out}")
+    _refuse_labels(args)
     plan = common.build_plan(args)
+    if args.method == "norm":
+        _refuse_for_measurements(args, plan)
     _warn_deterministic_top(plan)
-    meta: dict[str, Any] = {"model": plan.name, "sampler": plan.sampler, "steps": plan.steps, "grid": plan.meta.get("disc"), "method": args.method, "sampler_options": {k: v for k, v in plan.sampler_opts.items() if k != "classifier_grad"}}
+    meta: dict[str, Any] = {"model": plan.name, "sampler": plan.sampler, "steps": plan.steps, "grid": plan.meta.get("disc"), "method": args.method, "sampler_options": describe(dict(plan.sampler_opts))}
     t0 = time.time()
     png = out.with_suffix(".png")
     if args.method == "norm":
@@ -336,27 +366,29 @@ def calibrate(args: argparse.Namespace) -> int:
         hi = args.hi if args.hi is not None else (1.1 if parabola else 1.03)
         num = args.fid_num if args.fid_num is not None else (100 if parabola else 1000)
         dev = common.device()
-        ext = extractor_from_args(args, dev)
         ref = args.data if args.data is not None else "fashion-mnist-train"
         if args.data is None and not (plan.meta.get("source") == "epsscale" and plan.meta.get("data") == "fashion-mnist"):
             raise UserError("the FID search needs the model's training images as the reference: give --data PATH (a folder of images, an .npz with arr_0 uint8 NHWC, or a zip)")
+        from ..data.images import load_images
+
+        ext = extractor_from_args(args, dev, (28, 28, 1) if args.data is None else load_images(args.data).shape[1:])
         ref_stats = reference_stats(ext, ref, progress=not args.quiet)
         objective = fid_objective(plan, num, TUNING_SEED0, args.batch or common.auto_batch(num), ext, ref_stats, progress=not args.quiet)
 
         def evaluate(b: float) -> float:
             fid = objective(b)
             if not args.quiet:  # one line per measured point, on stderr beside the progress bars
-                print(f"  b = {b:.5g}: FID {fid:.4f} ({num} samples)", file=sys.stderr, flush=True)
+                print(f"  lambda {common.format_lam(b)}: FID {fid:.4f} ({num} samples)", file=sys.stderr, flush=True)
             return fid
 
         cache = common.writable(args.cache, "--cache") if args.cache else out.with_suffix(".points.json")
         # Everything that changes a score: the weights, the grid, the sampler's options, the samples, the reference and the features.
         search_key = {
             "model": plan.fingerprint, "sampler": plan.sampler, "sigmas": [round(float(v), 12) for v in plan.sigmas],
-            "sampler_options": meta["sampler_options"], "num": num, "seed0": TUNING_SEED0, "ref": ref, "extractor": f"{ext.name}:{getattr(ext, 'weights_id', '')}",
+            "sampler_options": meta["sampler_options"], "settings": digest_json(describe(dict(plan.meta))), "num": num, "seed0": TUNING_SEED0, "ref": ref, "extractor": f"{ext.name}:{getattr(ext, 'weights_id', '')}",
         }
         if args.kind == "linear":
-            return _calibrate_linear(args, plan, evaluate, num, cache, search_key, meta, ref, ext, t0, out, png)
+            return _calibrate_linear(args, plan, evaluate, num, lo, hi, cache, search_key, meta, ref, ext, t0, out, png)
         res = fid_search(evaluate, lo, hi, method=args.search, cache_path=cache, points=args.points, tol=args.tol, start=args.center, step=args.spacing, key=search_key)
         pts = dict(res.points)
         b = round(float(res.best_b), 6)

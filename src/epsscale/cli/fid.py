@@ -36,16 +36,21 @@ def add_parser(sub: Any) -> None:
 
 
 def add_extractor_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--extractor", default="fmnist", metavar="fmnist|inception|PATH", help="feature extractor: the project's Fashion-MNIST classifier, Inception (needs --inception), or a TorchScript module mapping uint8 NCHW to features")
+    p.add_argument("--extractor", default=None, metavar="fmnist|inception|PATH", help="feature extractor: the project's Fashion-MNIST classifier, Inception (needs --inception), or a TorchScript module mapping uint8 NCHW to features (default: fmnist for 1-channel 28 or 32 px images, else inception)")
     p.add_argument("--inception", default=None, metavar="PATH", help="with --extractor inception: pytorch-fid's weights file pt_inception-2015-12-05-6726825d.pth")
 
 
-def extractor_from_args(args: argparse.Namespace, device: Any) -> Any:
+def extractor_from_args(args: argparse.Namespace, device: Any, image_shape: tuple[int, ...]) -> Any:
+    """The extractor the options name, or the one that fits images of ``image_shape`` (H, W, C)."""
     from ..metrics import get_extractor
+    from ..metrics.features import default_extractor_name
 
-    if args.inception and args.extractor != "inception":
+    name = args.extractor or default_extractor_name(tuple(image_shape))
+    if args.inception and name != "inception":
         raise UserError("--inception WEIGHTS is for --extractor inception")
-    return get_extractor(args.extractor, args.inception if args.extractor == "inception" else None, device=device)
+    if name == "inception" and args.extractor is None and not args.inception:
+        raise UserError(f"images of {image_shape[0]}x{image_shape[1]}x{image_shape[2]} need a feature extractor: --extractor inception --inception WEIGHTS (pytorch-fid's pt_inception-2015-12-05-6726825d.pth), or --extractor PATH.pt (a TorchScript module)")
+    return get_extractor(name, args.inception if name == "inception" else None, device=device, image_shape=tuple(image_shape))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     images = load_images(args.samples)
     if len(images) < 2:
         raise UserError(f"{args.samples}: FID needs at least 2 images, found {len(images)}")
-    ext = extractor_from_args(args, common.device())
+    ext = extractor_from_args(args, common.device(), images.shape[1:])
     r, w = dist.rank(), dist.world_size()
     stats = FeatureStats(ext.dim)
     if len(images[r::w]):

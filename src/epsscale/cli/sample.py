@@ -58,13 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if plan.name == "toy":
         return _sample_toy(args, plan, out, grid_png)
     seeds = args.seeds if args.seeds is not None else list(range(int(plan.meta.get("num_samples", 64))))
-    labels = common.parse_labels(args.labels, len(seeds))
-    if labels is not None and plan.cycle_labels:
-        raise UserError("--labels does not apply to a text-to-image pipeline: its prompts come from --prompt-file, in turn over the seeds")
-    if labels is not None:
+    if args.labels is not None:
+        if plan.cycle_labels:
+            raise UserError("--labels does not apply to a text-to-image pipeline: its prompts come from --prompt-file, in turn over the seeds")
         if not plan.num_classes:
             raise UserError(f"--labels: {plan.name} is an unconditional network")
-        plan = plan.replace(labels=tuple(labels))
+        plan = plan.replace(labels=tuple(common.parse_labels(args.labels, len(seeds), plan.num_classes)))
     batch = args.batch or int(plan.meta.get("batch_size", 0)) or common.auto_batch(len(seeds))
     t0 = time.time()
     from ..sampling import sample_seeds
@@ -97,6 +96,9 @@ def _sample_toy(args: argparse.Namespace, plan: Any, out: Path, grid_png: Path |
 
     if args.labels is not None:
         raise UserError("--labels needs a class-conditional model")
+    idle = [opt for opt, given in (("--batch", args.batch), ("--work-dir", args.work_dir)) if given is not None]
+    if idle:
+        common.warn(f"{', '.join(idle)} do{'es' if len(idle) == 1 else ''} not apply to --model toy (2-D points, one batch, no work directory): ignored")
     if dist.rank() != 0:
         return 0
     seeds = args.seeds if args.seeds is not None else list(range(64))

@@ -52,11 +52,16 @@ def run(args: argparse.Namespace) -> int:
     common.out_dir(args.run_dir, "--run-dir")
     if args.export:
         common.writable_later(Path(args.export).with_suffix(".safetensors"), "--export")
-    if args.device.startswith("cuda"):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: no CUDA device here")
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {args.device}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count() if torch.cuda.is_available() else 0} available)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: expected cpu, cuda or cuda:N")
     common.set_threads(args)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup, ema_decay=args.ema, input_perturbation=args.input_perturbation, seed=args.seed, data=args.data)
     try:

@@ -28,7 +28,7 @@ Randomness follows docs/design.md §2: sample *s* draws from
 sampler step. The training curve reuses that starting ε at every σ (common random numbers, see
 :class:`~epsscale.exposure.measure._TrainingNorms`): at step 0 the training and sampling inputs
 coincide, and the ratio of the two curves is nearly free of Monte Carlo noise at high σ.
-Results never depend on ``batch_size``.
+Results depend on ``batch_size`` only through the network's float rounding for another batch shape.
 
 JSON schema of :func:`exposure_json` (``"format": "epsscale.exposure/1"``)::
 
@@ -67,8 +67,26 @@ from ..plots import plot_delta, plot_eps_norms, plot_fid_vs_b
 from ._common import SamplerLike, Start, Units
 from .analytic import AnalyticResult, analytic_variance
 from .calibrate import CalibrationInfo, calibrate_norm_matching, influence_weights
-from .measure import EXPOSURE_FORMAT, DeltaResult, EpsNormResult, ExposureReport, delta_t, eps_norms, exposure_json, measure_exposure
-from .search import FID_CACHE_FORMAT, FidSearchResult, LinearSearchResult, fid_objective, fid_search, linear_from_tilt, linear_search, write_calibrated_schedule
+from .measure import (
+    EXPOSURE_FORMAT,
+    DeltaResult,
+    EpsNormResult,
+    ExposureReport,
+    delta_t,
+    eps_norms,
+    exposure_json,
+    measure_exposure,
+)
+from .search import (
+    FID_CACHE_FORMAT,
+    FidSearchResult,
+    LinearSearchResult,
+    fid_objective,
+    fid_search,
+    linear_from_tilt,
+    linear_search,
+    write_calibrated_schedule,
+)
 
 __all__ = [
     "DeltaResult",

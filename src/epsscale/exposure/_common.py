@@ -14,14 +14,13 @@ from typing import Any, Callable, Literal, Mapping, Sequence, Union
 import torch
 
 from ..checks import check_int
-from ..samplers import SAMPLERS
+from ..samplers import SAMPLERS, VP_SAMPLERS
 from ..scaling import PerSigma, ScheduleLike, Uniform, resolve_schedule
 from ..schedules import check_grid
 
 Units = Literal["vp", "ve"]
 Start = Literal["data", "prior"]
 SamplerLike = Union[str, Callable[..., torch.Tensor]]
-_VP_SAMPLERS = ("ddpm", "ddim")
 
 
 def _jsonable(v: Any) -> Any:
@@ -63,7 +62,7 @@ def _resolve_sampler(sampler: SamplerLike) -> tuple[str, Callable[..., torch.Ten
 
 def _resolve_units(name: str, units: Units | None) -> Units:
     if units is None:
-        return "vp" if name in _VP_SAMPLERS else "ve"
+        return "vp" if name in VP_SAMPLERS else "ve"
     if units not in ("vp", "ve"):
         raise ValueError(f"units must be 'vp' or 've', got {units!r}")
     return units

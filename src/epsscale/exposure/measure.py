@@ -17,11 +17,27 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
-from ..adapters import Denoiser, Prediction, append_dims, sigma_vector, as_prediction
+from ..adapters import (
+    Denoiser,
+    Prediction,
+    append_dims,
+    as_prediction,
+    forward_attrs,
+    sigma_vector,
+)
 from ..samplers import StackedGenerator, StepInfo, prior
 from ..scaling import EpsScaled, PerSigma, ScheduleLike, Uniform, resolve_schedule
 from ..schedules import VPSchedule
-from ._common import SamplerLike, Start, Units, _bind, _check_run, _jsonable, _Record, _Run
+from ._common import (
+    SamplerLike,
+    Start,
+    Units,
+    _bind,
+    _check_run,
+    _jsonable,
+    _Record,
+    _Run,
+)
 
 EXPOSURE_FORMAT = "epsscale.exposure/1"
 
@@ -109,9 +125,7 @@ def _slice_cond(cond: Mapping[str, Any] | None, n: int, lo: int, hi: int) -> dic
 
 
 def _copy_attrs(dst: Any, src: Any) -> None:
-    for attr in ("sigma_min", "sigma_max", "round_sigma"):
-        if hasattr(src, attr):
-            setattr(dst, attr, getattr(src, attr))
+    forward_attrs(dst, src)
 
 
 class _Recorder:

@@ -279,6 +279,7 @@ def write_calibrated_schedule(path: str | os.PathLike, schedule: Union[Uniform, 
 def fid_objective(plan: Any, num: int, seed0: int, batch: int, extractor: Any, ref_stats: Any, *, work_root: Path | None = None, progress: bool = False) -> Callable[[float], float]:
     """b -> FID of ``num`` samples of ``plan`` at uniform λ = b, seeds ``seed0``... (the same at every b).
 
+    It samples in this process alone, whatever the process group (``calibrate`` searches on rank 0).
     With ``work_root``, each b samples into its own work directory below it (finished batches
     survive a kill and are reused by a rerun), removed once its FID is computed.
     """
@@ -289,7 +290,7 @@ def fid_objective(plan: Any, num: int, seed0: int, batch: int, extractor: Any, r
 
     def evaluate(b: float) -> float:
         work = None if work_root is None else work_root / f"{plan.sampler}-{plan.steps}-{b!r}-{num}-{seed0}"
-        images, _ = sample_seeds(plan.replace(lam=b), range(seed0, seed0 + num), batch_size=batch, work_dir=work, progress=progress)
+        images, _ = sample_seeds(plan.replace(lam=b), range(seed0, seed0 + num), batch_size=batch, work_dir=work, progress=progress, alone=True)
         fid = compute_fid(feature_stats(images, extractor), ref_stats)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
@@ -335,6 +336,8 @@ def linear_search(
     center: float = 1.0,
     step: float = 0.01,
     tilt_step: float = 0.01,
+    lo: float = 0.5,
+    hi: float = 1.5,
     cache_path: str | os.PathLike | None = None,
     key: Mapping[str, Any] | None = None,
 ) -> LinearSearchResult:
@@ -344,14 +347,14 @@ def linear_search(
     time). First the parabola search over uniform b (:func:`fid_search`, ``method="parabola"``)
     gives the best mean level; then a parabola search over the tilt κ, the λ difference between
     the first and the last step at that mean (:func:`linear_from_tilt`), starting from κ = 0
-    with spacing ``tilt_step``. Keeping the mean fixed follows the paper's observation that its
+    with spacing ``tilt_step``; b stays in [``lo``, ``hi``]. Keeping the mean fixed follows the paper's observation that its
     published 20-step (k, b) pairs keep mean(λ) near the best uniform b. Both searches cache
     their points (``cache_path`` for b, the same name with ``.tilt`` for κ), so a run resumes.
     """
     from ..scaling import Uniform
 
     tilt_cache = None if cache_path is None else Path(cache_path).with_suffix(".tilt.json")
-    uniform = fid_search(lambda b: evaluate(Uniform(b)), 0.5, 1.5, method="parabola", start=center, step=step, cache_path=cache_path, key=key)
+    uniform = fid_search(lambda b: evaluate(Uniform(b)), lo, hi, method="parabola", start=center, step=step, cache_path=cache_path, key=key)
     mean = float(uniform.best_b)
     tilt = fid_search(lambda kappa: evaluate(linear_from_tilt(mean, kappa, steps)), -0.5, 0.5, method="parabola", start=0.0, step=tilt_step, cache_path=tilt_cache, key={**(key or {}), "mean": round(mean, 9), "steps": steps})
     return LinearSearchResult(linear_from_tilt(mean, float(tilt.best_b), steps), uniform, tilt)

@@ -311,5 +311,6 @@ def build_plan(
         denoiser=den, sigmas=st.schedule.grid(st.respacing), sampler=st.sampler, shape=(in_ch, image_size, image_size), quantize=to_uint8,
         lam=lam, sampler_opts=opts, prior="vp", num_classes=1000 if st.class_cond or "classifier_grad" in opts else None,
         fingerprint=fingerprint_file(path), name=os.fspath(path), device=device, schedule=st.schedule, data_space=partial(to_unit_range, channels=in_ch, size=image_size),
-        meta={"source": "guided-diffusion", "flags": flags_text, "preset": preset, "num_samples": st.num_samples, "batch_size": st.batch_size, "respacing": st.respacing},
+        meta={"source": "guided-diffusion", "flags": flags_text, "preset": preset, "preset_es": preset_es, "num_samples": st.num_samples, "batch_size": st.batch_size, "respacing": st.respacing,
+              "classifier": fingerprint_file(clf_path) if clf_path else None},
     )

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..data.images import quantize_diffusers
+from ..samplers import VP_SAMPLERS
 
 __all__ = ["load_pipeline", "build_plan"]
 
@@ -80,15 +81,14 @@ class _Network:
     def __init__(self, module: torch.nn.Module, kind: str, *, null_class: int | None = None, embeddings: torch.Tensor | None = None, negative: torch.Tensor | None = None) -> None:
         self.module, self.kind = module, kind
         self.null_class, self.embeddings, self.negative = null_class, embeddings, negative
-        self.dtype = next(module.parameters()).dtype
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "text":
             emb = self.negative.expand(x.shape[0], *self.negative.shape[1:]) if y is None else self.embeddings[y.long()]  # type: ignore[union-attr, index]
             return self.module(x, t, encoder_hidden_states=emb).sample
-        labels = None
-        if self.null_class is not None:
-            labels = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long) if y is None else y.long()
+        labels = None if y is None else y.long()
+        if labels is None and self.null_class is not None:  # the unconditional branch of guidance
+            labels = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)
         if self.kind == "transformer":
             return self.module(x, timestep=t, class_labels=labels).sample
         return self.module(x, t, class_labels=labels).sample if labels is not None else self.module(x, t).sample
@@ -180,16 +180,20 @@ def build_plan(
     num_classes: int | None = None
     default_scale = 1.0
     if getattr(pipe, "transformer", None) is not None:
+        if "encoder_hidden_states" in inspect.signature(module.forward).parameters and not getattr(cfg, "num_embeds_ada_norm", None):
+            raise ValueError(f"--diffusers {name}: a text-conditioned transformer (PixArt-style) is not sampled by epsscale's samplers; use apply_epsilon_scaling on the pipeline")
         num_classes = int(getattr(cfg, "num_embeds_ada_norm", 0) or 0) or None
         net = _Network(module, "transformer", null_class=num_classes)
         default_scale = 4.0 if num_classes else 1.0  # DiTPipeline's default
     elif "encoder_hidden_states" in inspect.signature(module.forward).parameters:
+        if getattr(cfg, "addition_embed_type", None):
+            raise ValueError(f"--diffusers {name}: this UNet needs added conditioning ({cfg.addition_embed_type}, as SDXL's); epsscale samples SD-1/2-style text pipelines only (use apply_epsilon_scaling on the pipeline)")
         if not prompts:
             raise ValueError(f"--diffusers {name}: a text-to-image pipeline needs --prompt-file FILE (prompts, one a line)")
         if not hasattr(pipe, "encode_prompt"):
             raise ValueError(f"--diffusers {name}: the pipeline has no encode_prompt, so epsscale cannot turn prompts into its text embeddings")
         with torch.no_grad():
-            emb, neg = pipe.encode_prompt(list(prompts), torch.device(device), 1, True, [""] * len(prompts))[:2]
+            emb, neg = pipe.encode_prompt(prompt=list(prompts), device=torch.device(device), num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts))[:2]
         net = _Network(module, "text", embeddings=emb, negative=neg[:1])
         num_classes = len(prompts)
         default_scale = 7.5  # StableDiffusionPipeline's default
@@ -200,15 +204,15 @@ def build_plan(
     if prompts and net.kind != "text":
         raise ValueError("--prompt-file is for text-to-image pipelines; this one takes no prompts")
     out_channels = int(getattr(cfg, "out_channels", channels) or channels)
-    den: Any = VPDenoiser(net, schedule, prediction=prediction, learn_sigma=out_channels == 2 * channels)
+    den: Any = VPDenoiser(net, schedule, prediction=prediction, learn_sigma=out_channels == 2 * channels, dtype=next(module.parameters()).dtype)
     scale = default_scale if guidance_scale is None else float(guidance_scale)
     if scale != 1.0:
         if net.kind == "unet":
-            raise ValueError("--guidance-scale needs a conditional pipeline (class labels or prompts)")
+            raise ValueError("--guidance-scale needs a pipeline that was trained with an unconditional branch (DiT's null class, or prompts); this one has none")
         den = classifier_free(den, scale, {"y": None})
 
     opts = dict(sampler_opts or {})
-    if sampler in ("ddpm", "ddim") and "clip" not in opts and sched.config.get("clip_sample", False):
+    if sampler in VP_SAMPLERS and "clip" not in opts and sched.config.get("clip_sample", False):
         opts["clip"] = float(sched.config.get("clip_sample_range", 1.0))
     sigmas = vp_grid(schedule, steps, disc, 80.0 if sigma_max is None else sigma_max)
     return SamplingPlan(

@@ -37,7 +37,17 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
-from .adm_blocks import NUM_CLASSES, AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepEmbedSequential, Upsample, timestep_embedding, zeroed
+from .adm_blocks import (
+    NUM_CLASSES,
+    AttentionBlock,
+    Downsample,
+    GroupNorm32,
+    ResBlock,
+    TimestepEmbedSequential,
+    Upsample,
+    timestep_embedding,
+    zeroed,
+)
 
 __all__ = [
     "ADMUNet",

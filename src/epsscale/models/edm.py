@@ -109,7 +109,6 @@ def build_plan(
     churn: dict[str, float] | None = None,
     preset: str | None = None,
     aug_dim: int | None = None,
-    labels: list[int] | None = None,
     eps_scale: float | None = None,
     eps_schedule: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
@@ -124,11 +123,12 @@ def build_plan(
     from its prior (radius r = σ√D). λ follows :func:`epsscale.plan.choose_lam`. Samples are
     quantised as EDM's ``generate.py`` does.
     """
-    from ..adapters import EDMDenoiser
     from functools import partial
 
+    from ..adapters import EDMDenoiser
     from ..data.images import quantize_edm, to_unit_range
     from ..plan import SamplingPlan, choose_lam, fingerprint_file
+    from ..samplers import VP_SAMPLERS
     from ..schedules import sigmas_karras
 
     churn = dict(churn or {})
@@ -153,7 +153,7 @@ def build_plan(
         sampler, steps, opts = p["sampler"], p["steps"], dict(p["sampler_kwargs"])
         sigma_min, top, rho = p["grid"]["sigma_min"], p["grid"]["sigma_max"], p["grid"]["rho"]
         preset_lam = p["lam"]
-    if sampler is None or sampler in ("ddpm", "ddim"):
+    if sampler is None or sampler in VP_SAMPLERS:
         raise ValueError("EDM nets are sampled with euler, heun or dpmpp_2m (give --sampler, or --preset)")
     if sampler == "dpmpp_2m" and churn:
         raise ValueError(f"{', '.join(CHURN_OPTIONS[k] for k in churn)} cannot apply to dpmpp_2m (EDM's churn is for euler and heun)")
@@ -164,12 +164,10 @@ def build_plan(
     sigmas = sigmas_karras(steps, sigma_min, top, rho)
     rounded = torch.as_tensor(net.round_sigma(sigmas[:-1]), dtype=torch.float64)  # EDM rounds its grid
     sigmas = torch.cat([rounded, rounded.new_zeros(1)])
-    if labels is not None and not net.label_dim:
-        raise ValueError(f"--labels: {os.fspath(path)} is an unconditional network")
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
     return SamplingPlan(
         denoiser=EDMDenoiser(net), sigmas=sigmas, sampler=sampler, shape=shape, quantize=quantize_edm, lam=lam, sampler_opts=opts,
         prior="ve" if aug_dim is None else "pfgmpp", aug_dim=aug_dim, num_classes=int(net.label_dim) or None,
-        labels=tuple(labels) if labels is not None and net.label_dim else None, fingerprint=fingerprint_file(path), name=os.fspath(path),
+        fingerprint=fingerprint_file(path), name=os.fspath(path),
         device=device, data_space=partial(to_unit_range, channels=shape[0], size=shape[1]), meta={"source": "edm", "preset": preset, "disc": "karras"},
     )

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..adapters import VPDenoiser
+from ..samplers import VP_SAMPLERS
 from ..schedules import VPSchedule, vp_grid
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def shipped_discretisation(sampler: str) -> tuple[str, float | None]:
 
 def shipped_sampler_options(sampler: str) -> dict:
     """ADM's x0 clipping to [-1, 1] for the VP samplers (ddpm, ddim); nothing for the others."""
-    return {"clip": 1.0} if sampler in ("ddpm", "ddim") else {}
+    return {"clip": 1.0} if sampler in VP_SAMPLERS else {}
 
 
 def shipped_lambdas() -> dict[str, float]:
@@ -187,8 +188,10 @@ def build_plan(
     """The sampling plan of an epsscale model (shipped name, directory or prefix, or a loaded model).
 
     ``disc`` and ``sigma_max`` choose the grid (:func:`epsscale.schedules.vp_grid`; a Karras grid
-    starts at ``sigma_max``, else at the model's ``sampling.karras_sigma_max``). Samples are
-    quantised as guided-diffusion does, centre-cropped to the model's ``crop``.
+    starts at ``sigma_max``, else at the model's ``sampling.karras_sigma_max``). ``ddpm`` and
+    ``ddim`` clip x0 to [-1, 1] unless ``sampler_opts`` has a ``clip`` (None: off), as ADM's
+    ``clip_denoised`` does. Samples are quantised as guided-diffusion does, centre-cropped to the
+    model's ``crop``.
     """
     from functools import partial
 
@@ -197,6 +200,9 @@ def build_plan(
     from ..plan import SamplingPlan, fingerprint_file
 
     m = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    sampler_opts = dict(sampler_opts or {})
+    if sampler in VP_SAMPLERS:
+        sampler_opts.setdefault("clip", 1.0)
     sigmas = vp_grid(m.schedule, steps, disc, m.karras_sigma_max if sigma_max is None else sigma_max)
     return SamplingPlan(
         denoiser=m.denoiser, sigmas=sigmas, sampler=sampler, shape=m.shape, quantize=partial(quantize_adm, crop=m.crop),

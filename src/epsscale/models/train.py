@@ -242,10 +242,15 @@ def train(
         diff = _config_difference(saved, json.loads(json.dumps(asdict(cfg))))
         if diff:
             raise ValueError(f"{run} holds a run with a different configuration ({'; '.join(diff)}); use a new --run-dir")
-        if init_from is not None and ckpt_path.exists():
-            raise ValueError(f"{run} already holds a checkpoint; --init-from starts a new run only")
     init_path = Path(init_from) if init_from is not None else None
-    if init_path is not None and not init_path.is_file():
+    fork_record = run / "init_from.json"
+    if init_path is not None and ckpt_path.exists():
+        # A fork that was interrupted: the same command resumes it from its own checkpoint.
+        recorded = json.loads(fork_record.read_text()) if fork_record.is_file() else {}
+        if recorded.get("path") != str(init_path.resolve()):
+            raise ValueError(f"{run} already holds a checkpoint of another run; --init-from starts a new run (or reruns the same fork)")
+        init_path = None
+    elif init_path is not None and not init_path.is_file():
         raise ValueError(f"--init-from {init_path}: no such checkpoint file")
 
     # Data first, so that a wrong --data leaves no run directory behind; then model, optimiser.
@@ -254,6 +259,8 @@ def train(
     if not cfg_path.exists():
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2) + "\n")
+    if init_path is not None:
+        atomic_write_text(fork_record, json.dumps({"path": str(init_path.resolve())}) + "\n")
     schedule = VPSchedule(cfg.schedule, cfg.num_timesteps)
     device = torch.device(device)
     data = data.to(device)
