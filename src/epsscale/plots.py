@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # this module sits below epsscale.exposure and does not import it.
 DeltaResult = EpsNormResult = FidSearchResult = Any
 
-__all__ = ["new_figure", "save_figure", "plot_delta", "plot_eps_norms", "plot_fid_vs_b", "plot_calibration", "save_image_grid", "scatter_points", "panel_grid"]
+__all__ = ["new_figure", "save_figure", "plot_loss", "plot_delta", "plot_eps_norms", "plot_fid_vs_b", "plot_calibration", "save_image_grid", "scatter_points", "panel_grid"]
 
 _DPI = 120
 
@@ -189,4 +189,23 @@ def panel_grid(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike
         ax.imshow(canvas, cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
+    _save(fig, path)
+
+
+def plot_loss(log: Sequence[Mapping[str, float]], path: str | os.PathLike) -> None:
+    """A training run's loss log (``loss.json`` of ``epsscale train``): the ε MSE and the VLB term
+    per block of steps, and the learning rate where the log has it."""
+    fig = new_figure(6.5, 3.4, dpi=110)
+    ax = fig.subplots()
+    steps = [r["step"] for r in log]
+    ax.plot(steps, [r["mse"] for r in log], label="L_simple (eps MSE)")
+    ax.plot(steps, [r["vb"] for r in log], label="L_vlb term (bits/dim)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if all("lr" in r for r in log):
+        lr = ax.twinx()
+        lr.plot(steps, [r["lr"] for r in log], color="grey", lw=0.8, ls="--", label="learning rate")
+        lr.set_ylabel("learning rate", color="grey")
+    ax.legend(fontsize=8)
     _save(fig, path)
