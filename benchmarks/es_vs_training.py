@@ -45,7 +45,7 @@ def export(run_dir: Path, models: Path, step: int) -> Path:
     return d
 
 
-def grid_search(model: Path, sampler: str, steps: int, num: int, batch: int, cache: Path, lo: float = 0.98, hi: float = 1.03, points: int = 6, max_extend: int = 6):
+def grid_search(model: Path, sampler: str, steps: int, num: int, batch: int, cache: Path, lo: float = 0.98, hi: float = 1.03, points: int = 6, max_extend: int = 6, device: str = "cpu"):
     """The cached FID grid over b for one checkpoint and sampler (extended past an end minimum)."""
     from _common import grid_to_interior_minimum
     from epsscale.exposure import fid_objective
@@ -54,8 +54,8 @@ def grid_search(model: Path, sampler: str, steps: int, num: int, batch: int, cac
     from epsscale.models.pretrained import build_plan
 
     disc, opts = SETTINGS[sampler]
-    plan = build_plan(model, sampler=sampler, steps=steps, disc=disc, sampler_opts=opts)
-    ext = get_extractor("fmnist")
+    plan = build_plan(model, sampler=sampler, steps=steps, disc=disc, sampler_opts=opts, device=device)
+    ext = get_extractor("fmnist", device=device)
     evaluate = fid_objective(plan, num, TUNING_SEED0, batch, ext, reference_stats(ext, "fashion-mnist-train"))
     key = {"model": model.name, "sampler": sampler, "disc": disc, "steps": steps, "num": num}
     return grid_to_interior_minimum(evaluate, lo, hi, points, cache, key, max_extend)[0]
@@ -117,25 +117,27 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=125)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", default=str(HERE / "es_vs_training" / "models"))
-    ap.add_argument("--cache-dir", default=str(HERE / "es_vs_training" / "grids"))
+    ap.add_argument("--cache-dir", default=None, help="default benchmarks/es_vs_training/grids (with --device cuda: grids_cuda)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; a seed's noise differs between them, so each keeps its own caches")
     ap.add_argument("--report", action="store_true", help="print the table and write the plot from the caches; sample nothing")
     ap.add_argument("--write-results", action="store_true", help="with --report: put the table into benchmarks/RESULTS.md between its markers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    models, cache_dir = Path(args.models), Path(args.cache_dir)
+    suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
+    models, cache_dir = Path(args.models), Path(args.cache_dir or HERE / "es_vs_training" / f"grids{suffix}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     if not args.report:
         for step in (int(s) for s in args.steps_of.split(",")):
             d = model_dir(models, step) if model_dir(models, step).exists() else export(Path(args.run_dir), models, step)
             for sampler in args.samplers.split(","):
                 t0 = time.time()
-                res = grid_search(d, sampler, args.sampling_steps, args.num, args.batch, cache_dir / f"step{step:06d}_{sampler}_{args.sampling_steps}_{args.num}.json")
+                res = grid_search(d, sampler, args.sampling_steps, args.num, args.batch, cache_dir / f"step{step:06d}_{sampler}_{args.sampling_steps}_{args.num}.json", device=args.device)
                 print(f"step {step} {sampler}: {sorted(res.points)} -> b = {res.best_b:g} ({res.new_evaluations} new points, {time.time() - t0:.0f}s)", flush=True)
     rs = rows(cache_dir, args.total)
     text = table(rs)
     print(text)
     if rs:
-        plot(rs, HERE / "es_vs_training.png")
+        plot(rs, HERE / f"es_vs_training{suffix}.png")
     if args.write_results:
         from _common import write_between_markers
 

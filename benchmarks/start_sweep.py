@@ -2,6 +2,7 @@
 
     python benchmarks/start_sweep.py --model src/epsscale/assets/fmnist_adm --steps 20 --threads 2
     python benchmarks/start_sweep.py --report
+    python benchmarks/start_sweep.py --model DIR --device cuda    # its own cache: start_sweep_cuda.json
 
 An ε-prediction model on the cosine schedule is asked, at the top of the 1000-step chain
 (σ ≈ 2·10⁴), for an x0 it cannot give: x0 = x − σ·ε magnifies ε's error. DDPM's injected noise
@@ -51,7 +52,8 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=500)
     ap.add_argument("--batch", type=int, default=125)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cache", default=str(HERE / "start_sweep.json"))
+    ap.add_argument("--cache", default=None, help="default benchmarks/start_sweep.json (with --device cuda: start_sweep_cuda.json)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; a seed's noise differs between them, so each keeps its own cache")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,20 +64,20 @@ def main() -> None:
     from epsscale.metrics import get_extractor, reference_stats
     from epsscale.models.pretrained import build_plan, load_model
 
-    cache_path = Path(args.cache)
+    cache_path = Path(args.cache or HERE / ("start_sweep.json" if args.device == "cpu" else f"start_sweep_{args.device.split(':')[0]}.json"))
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     sigma_maxes = [float(s) for s in args.sigma_maxes.split(",")]
     samplers = args.samplers.split(",")
     if not args.report:
-        model = load_model(args.model)
-        ext = get_extractor("fmnist")
+        model = load_model(args.model, device=args.device)
+        ext = get_extractor("fmnist", device=args.device)
         ref = reference_stats(ext, "fashion-mnist-train")
         for sampler in samplers:
             for disc, sigma_max in settings(sampler, sigma_maxes):
                 key = f"{sampler}|{label(disc, sigma_max)}|{args.steps}|{args.num}"
                 if key in cache:
                     continue
-                plan = build_plan(model, sampler=sampler, steps=args.steps, disc=disc, sigma_max=sigma_max, sampler_opts={"clip": 1.0} if sampler == "ddim" else {})
+                plan = build_plan(model, sampler=sampler, steps=args.steps, disc=disc, sigma_max=sigma_max, sampler_opts={"clip": 1.0} if sampler == "ddim" else {}, device=args.device)
                 t0 = time.time()
                 fid = fid_objective(plan, args.num, TUNING_SEED0, args.batch, ext, ref)(1.0)
                 cache[key] = {"fid": fid, "sigma_top": float(plan.sigmas[0]), "nfe": plan.nfe, "seconds": round(time.time() - t0, 1)}

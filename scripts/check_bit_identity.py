@@ -125,6 +125,14 @@ def commands(m: dict[str, str]) -> list[tuple[str, list[str]]]:
     ]
 
 
+# Deliberate changes of behaviour since the refactor, each with the issue that asked for it: these
+# paths are expected to differ from an older base, and are reported as such.
+INTENDED = {
+    "toy ddpm": "--clip now defaults to the model's convention, and the 2-D toy (a ring of radius 2) is no longer clipped to [-1, 1]",
+    "measure ddpm": "delta_t's per-pixel std now divides by N, as ADM-ES's np.std does (it divided by N - 1)",
+}
+
+
 def run(python: str, src: Path, argv: list[str], out: Path, extra_path: str) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{extra_path}", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if argv[0] in ("measure", "demo"):
@@ -181,10 +189,13 @@ def main() -> int:
                 verdict = "DIFFERENT"
             else:
                 verdict = "identical (" + ", ".join(f"{k} {tuple(v.shape)}" for k, v in a.items() if k.startswith("arr")) + ")" if any(k.startswith("arr") for k in a) else "identical"
-            bad += not verdict.startswith("identical")
+            if not verdict.startswith("identical") and name in INTENDED and verdict == "DIFFERENT":
+                verdict = f"different, as intended: {INTENDED[name]}"
+            bad += not (verdict.startswith("identical") or verdict.startswith("different, as intended"))
             rows.append((name, verdict))
             print(f"| {name} | {verdict} |", flush=True)
-        print(f"\n{len(rows) - bad} of {len(rows)} sampling paths bit-identical to {args.base}")
+        same = sum(v.startswith("identical") for _, v in rows)
+        print(f"\n{same} of {len(rows)} sampling paths bit-identical to {args.base}; {len(rows) - same - bad} changed on purpose; {bad} unexpected")
         return 1 if bad else 0
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], check=False)

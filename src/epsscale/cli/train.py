@@ -25,7 +25,7 @@ examples:
 def add_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train or resume the Fashion-MNIST model", description=DESCRIPTION)
     t.add_argument("--run-dir", required=True, help="the run's folder (created; rerun to resume)")
-    t.add_argument("--steps", type=common.positive_int, default=16000, help="optimiser steps in all")
+    t.add_argument("--steps", type=common.positive_int, default=12000, help="optimiser steps in all")
     t.add_argument("--batch", type=common.positive_int, default=64, help="images per step")
     t.add_argument("--lr", type=common.positive_float, default=5e-4, help="peak learning rate (AdamW)")
     t.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine", help="after the warm-up: a half cosine down to 0 at --steps, or constant")

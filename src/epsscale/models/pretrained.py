@@ -63,6 +63,12 @@ class LoadedModel:
         """Where a Karras grid starts by default: the config's ``sampling.karras_sigma_max``, else EDM's 80."""
         return float(self.config.get("sampling", {}).get("karras_sigma_max", 80.0))
 
+    def start_sigma(self, sampler: str) -> float:
+        """Where ``sampler``'s Karras grid starts by default: the config's ``sampling.sigma_max``
+        entry for it (where the model was measured to want it), else :attr:`karras_sigma_max`."""
+        table = self.config.get("sampling", {}).get("sigma_max", {})
+        return float(table[sampler]) if isinstance(table, dict) and sampler in table else self.karras_sigma_max
+
     @property
     def crop(self) -> int:
         """The image size that is saved: the config's ``crop`` (a padded training set), else the full size."""
@@ -134,14 +140,16 @@ def load_model(name_or_path: str | os.PathLike = "fmnist", *, device: str | torc
 
 def shipped_discretisation(sampler: str) -> tuple[str, float | None]:
     """(grid kind, Karras sigma_max) for ``sampler`` on the shipped model, as the demo and the
-    benchmarks run it: the model config's ``sampling`` block (``disc`` per sampler and
-    ``karras_sigma_max``, where the model was measured to want them), else DEMO_SETTINGS' choice
-    and a Karras grid from sigma 13 for the other sigma-space samplers."""
+    benchmarks run it: the model config's ``sampling`` block (``disc`` and ``sigma_max`` per sampler,
+    else ``karras_sigma_max``, where the model was measured to want them), else DEMO_SETTINGS'
+    choice and a Karras grid from sigma 13 for the other sigma-space samplers."""
     sampling = load_config(SHIPPED["fmnist"]).get("sampling", {})
     table = sampling.get("disc")
     if isinstance(table, dict) and sampler in table:
         disc = str(table[sampler])
-        return disc, (float(sampling.get("karras_sigma_max", 80.0)) if disc == "karras" else None)
+        tops = sampling.get("sigma_max", {})
+        top = tops.get(sampler) if isinstance(tops, dict) else None
+        return disc, (float(top if top is not None else sampling.get("karras_sigma_max", 80.0)) if disc == "karras" else None)
     for _, s, kind, _, sigma_max in DEMO_SETTINGS:
         if s == sampler:
             return kind, sigma_max
@@ -188,7 +196,8 @@ def build_plan(
     """The sampling plan of an epsscale model (shipped name, directory or prefix, or a loaded model).
 
     ``disc`` and ``sigma_max`` choose the grid (:func:`epsscale.schedules.vp_grid`; a Karras grid
-    starts at ``sigma_max``, else at the model's ``sampling.karras_sigma_max``). ``ddpm`` and
+    starts at ``sigma_max``, else where the model's ``sampling`` block says ``sampler`` should
+    start: :meth:`LoadedModel.start_sigma`). ``ddpm`` and
     ``ddim`` clip x0 to [-1, 1] unless ``sampler_opts`` has a ``clip`` (None: off), as ADM's
     ``clip_denoised`` does. Samples are quantised as guided-diffusion does, centre-cropped to the
     model's ``crop``.
@@ -203,7 +212,7 @@ def build_plan(
     sampler_opts = dict(sampler_opts or {})
     if sampler in VP_SAMPLERS:
         sampler_opts.setdefault("clip", 1.0)
-    sigmas = vp_grid(m.schedule, steps, disc, m.karras_sigma_max if sigma_max is None else sigma_max)
+    sigmas = vp_grid(m.schedule, steps, disc, m.start_sigma(sampler) if sigma_max is None else sigma_max)
     return SamplingPlan(
         denoiser=m.denoiser, sigmas=sigmas, sampler=sampler, shape=m.shape, quantize=partial(quantize_adm, crop=m.crop),
         lam=lam, sampler_opts=sampler_opts or {}, prior="vp", num_classes=m.num_classes, fingerprint=fingerprint_file(m.path),
