@@ -2,7 +2,7 @@
 
     python benchmarks/batch_speed.py --threads 1 --repeats 3
 
-The shipped model's architecture (random weights: speed does not depend on them), DDPM at
+The training recipe's architecture (DEMO_FLAGS; random weights: speed does not depend on them), DDPM at
 5 steps, batches of 16 ... 512 interleaved (A, B, C, ..., A, B, C, ...), medians reported as
 images per second and relative to the fastest. ``epsscale`` picks its default batch from this: the
 fewest batches of at most ``MAX_BATCH`` rows, evened out (``epsscale.cli.common.auto_batch``), so

@@ -12,7 +12,7 @@ from .common import UserError
 DESCRIPTION = """\
 Train an ADM-style UNet (eps-prediction, learned variance, cosine schedule) on Fashion-MNIST's
 train split with the hybrid loss of improved DDPM, AdamW, EMA and a cosine learning rate; the
-defaults are the recipe of the shipped model. Everything lives in --run-dir and is saved
+defaults are the recipe of the shipped model's successor (in training; see the README). Everything lives in --run-dir and is saved
 atomically every 200 steps and on Ctrl-C: rerun the same command to resume. --export writes
 the EMA weights as PREFIX.safetensors + PREFIX.json, which --model PREFIX (or its folder) reads.
 

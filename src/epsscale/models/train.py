@@ -42,7 +42,8 @@ from ..schedules import VPSchedule
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "train", "hybrid_loss", "export_model", "learning_rate", "DEMO_FLAGS"]
 
-# The shipped Fashion-MNIST model: 1 channel at 28x28 (no padding: 28 -> 14 -> 7), ADM blocks.
+# The training recipe's network (the shipped model's successor, in training: README, "The
+# Fashion-MNIST model"): 1 channel at 28x28 (no padding: 28 -> 14 -> 7), ADM blocks.
 DEMO_FLAGS: dict[str, Any] = {
     "image_size": 28,
     "in_channels": 1,
