@@ -7,9 +7,11 @@
 #   order               normal, reversed     (pytest-reverse's --reverse; -p no:randomly if present)
 #   repetitions         --repeat N           (default 3)
 #
-# Usage: scripts/test_matrix.sh [--repeat N] [--coretype NAME] [--logs DIR] [PYTEST ARGS/PATHS...]
+# Usage: scripts/test_matrix.sh [--repeat N] [--threads "1 2"] [--coretype NAME] [--logs DIR] [PYTEST ARGS/PATHS...]
 #   e.g. scripts/test_matrix.sh                                  # the whole matrix, -m "not slow"
 #        scripts/test_matrix.sh --repeat 1 tests/test_distributed.py
+#        scripts/test_matrix.sh --threads 1     # one half of the matrix (run the halves side by side
+#                                               # in two checkouts on a machine with cores to spare)
 #
 # Each run is `python -m pytest -q -p no:cacheprovider -m "not slow" [--reverse] ARGS` from the
 # repository root, with PYTHONPATH=src so the checkout's code is tested. PYTHON (default
@@ -21,6 +23,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 
 repeat=3
+threads_list="1 2"
 coretype=Haswell
 logs=""
 args=()
@@ -28,11 +31,13 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --repeat) repeat=${2:?--repeat needs a number}; shift 2 ;;
     --repeat=*) repeat=${1#*=}; shift ;;
+    --threads) threads_list=${2:?--threads needs a list such as "1 2"}; shift 2 ;;
+    --threads=*) threads_list=${1#*=}; shift ;;
     --coretype) coretype=${2:?--coretype needs an OpenBLAS core name}; shift 2 ;;
     --coretype=*) coretype=${1#*=}; shift ;;
     --logs) logs=${2:?--logs needs a directory}; shift 2 ;;
     --logs=*) logs=${1#*=}; shift ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; args+=("$@"); break ;;
     *) args+=("$1"); shift ;;
   esac
@@ -59,7 +64,7 @@ echo "test_matrix: this shell has OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-(unset)
 declare -A passed total
 variations=()
 failed_runs=0
-for threads in 1 2; do
+for threads in $threads_list; do
   for core in unset "$coretype"; do
     for order in normal reversed; do
       key="OMP_NUM_THREADS=$threads OPENBLAS_CORETYPE=$core order=$order"
