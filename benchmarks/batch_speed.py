@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", default=None, help="a model directory (default: the shipped architecture with random weights)")
+    ap.add_argument("--model", default=None, help="a model directory (default: the training recipe's architecture, DEMO_FLAGS, with random weights)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -46,7 +46,7 @@ def main() -> None:
         sch = VPSchedule("cosine")
         size = int(DEMO_FLAGS["image_size"])
         plan = SamplingPlan(VPDenoiser(net, sch, learn_sigma=True), sch.grid(str(args.steps)), "ddpm", (1, size, size), quantize_adm, sampler_opts={"clip": 1.0})
-        what = f"the shipped architecture ({sum(p.numel() for p in net.parameters()):,} parameters, random weights)"
+        what = f"the training recipe's architecture ({sum(p.numel() for p in net.parameters()):,} parameters, random weights)"
     batches = [int(b) for b in args.batches.split(",")]
     times: dict[int, list[float]] = {b: [] for b in batches}
     for _ in range(args.repeats):
