@@ -192,33 +192,47 @@ def test_snapshots_and_fork(tmp_path):
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
 def test_gpu_train_script_at_toy_size_on_the_cpu(tmp_path):
-    """scripts/gpu_train.sh trains, exports and packs the run in parts under 16 MiB; a second call resumes from them."""
+    """scripts/gpu_train.sh trains the recipe and its DDPM-IP twin side by side and packs them in
+    parts under 16 MiB (checkpoints while unfinished, weights and snapshots once done); a second
+    call on a fresh machine resumes both from the returned parts."""
     import os
     import subprocess
     import sys
+    import tarfile
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "STEPS": "4", "BATCH": "2", "SNAPSHOT": "2", "KEEP": "2 4", "DEVICE": "cpu", "MINUTES": "0",
-           "DATA": "/usr/share/datasets/fashion-mnist", "OUT": str(tmp_path / "out"), "RUN": "runs/gpu", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+           "DATA": "/usr/share/datasets/fashion-mnist", "OUT": str(tmp_path / "out"), "RUN": "runs/gpu", "IP_RUN": "runs/gpu-ip",
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(root / "src")
     work = tmp_path / "work"
     work.mkdir()
     (work / "src").symlink_to(root / "src")
-
-    def call() -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(root / "scripts" / "gpu_train.sh")], cwd=work, env=env, capture_output=True, text=True, timeout=300)
-
-    first = call()
-    assert first.returncode == 0, first.stdout + first.stderr
     out = tmp_path / "out"
-    parts = sorted(out.glob("run.tgz.part-*"))
-    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts) and len(list(out.iterdir())) <= 8
-    assert load_model(out / "model").config["training"]["steps_done"] == 2  # MINUTES=0: it stops after the first save (the snapshot at step 2)
+
+    def call() -> dict[str, bytes]:
+        p = subprocess.run(["bash", str(root / "scripts" / "gpu_train.sh")], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        parts = sorted(out.glob("train.tgz.part-*"))
+        assert parts and all(q.stat().st_size <= 15 * 2**20 for q in parts) and len(list(out.iterdir())) <= 8
+        (tmp_path / "train.tgz").write_bytes(b"".join(q.read_bytes() for q in parts))
+        with tarfile.open(tmp_path / "train.tgz") as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+    first = call()  # MINUTES=0: each run stops after its first save (the snapshot at step 2)
+    for run in ("runs/gpu", "runs/gpu-ip"):
+        assert json.loads(first[f"{run}/state.json"]) == {"step": 2}
+        assert f"{run}/checkpoint.pt" in first and f"{run}/model.safetensors" not in first
+    assert not any("snapshots" in name for name in first)
     import shutil
 
     shutil.rmtree(work / "runs")  # a fresh machine: only the returned files are left
     env["MINUTES"] = "10"
     second = call()
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert json.loads((out / "loss.json").read_text())[-1]["step"] == 4
-    assert load_model(out / "model").config["training"]["steps_done"] == 4
+    for run in ("runs/gpu", "runs/gpu-ip"):
+        assert json.loads(second[f"{run}/loss.json"])[-1]["step"] == 4
+        assert f"{run}/model.safetensors" in second and f"{run}/checkpoint.pt" not in second
+    assert "runs/gpu/snapshots/ema_step000004.safetensors" in second
+    assert json.loads(second["runs/gpu-ip/train_config.json"])["input_perturbation"] == 0.1
+    assert json.loads(second["runs/gpu/train_config.json"])["input_perturbation"] == 0.0
+    assert json.loads(second["runs/gpu/model.json"])["training"]["steps_done"] == 4

@@ -120,40 +120,63 @@ def _discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def hybrid_loss(net: nn.Module, schedule: VPSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, *, gamma: float = 0.0, xi: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_simple + L_vlb (bits/dim) for an eps-prediction net with learned-range variance."""
-    abar = schedule.alphas_cumprod.to(x0.device)
+def loss_tables(schedule: VPSchedule, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The per-timestep constants of :func:`hybrid_loss` on ``device`` (float64, indexed by t).
+
+    Computing them once per run, rather than every step, spares a GPU run two host-to-device
+    copies (each a synchronisation) per step; the values are the same either way."""
+    abar = schedule.alphas_cumprod.to(device)
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-    betas = schedule.betas.to(x0.device)
+    betas = schedule.betas.to(device)
     post_var = betas * (1 - abar_prev) / (1 - abar)
-    post_logvar_clipped = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    return {
+        "sqrt_abar": abar.sqrt(),
+        "sqrt_one_minus_abar": (1 - abar).sqrt(),
+        "c0": abar_prev.sqrt() * betas / (1 - abar),
+        "ct": (1 - betas).sqrt() * (1 - abar_prev) / (1 - abar),
+        "log_beta": betas.log(),
+        "post_logvar_clipped": torch.log(torch.cat([post_var[1:2], post_var[1:]])),
+    }
+
+
+def hybrid_loss(
+    net: nn.Module, schedule: VPSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, *, gamma: float = 0.0, xi: torch.Tensor | None = None,
+    tables: dict[str, torch.Tensor] | None = None, sync: bool = True,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """L_simple + L_vlb (bits/dim) for an eps-prediction net with learned-range variance.
+
+    Returns the loss and its parts, ``{"mse": ..., "vb": ...}``, as floats; with ``sync=False``
+    as detached 0-d tensors, so that a GPU step need not wait for its result. ``tables``:
+    :func:`loss_tables` of ``schedule`` on ``x0``'s device (computed here if not given)."""
+    k = tables if tables is not None else loss_tables(schedule, x0.device)
 
     def g(a: torch.Tensor) -> torch.Tensor:
         return a[t].float().reshape(-1, 1, 1, 1)
 
     # Forward process (with optional input perturbation).
     noise_in = eps if not gamma else eps + gamma * xi
-    x_t = g(abar.sqrt()) * x0 + g((1 - abar).sqrt()) * noise_in
+    x_t = g(k["sqrt_abar"]) * x0 + g(k["sqrt_one_minus_abar"]) * noise_in
     out = net(x_t, t)
     c = x0.shape[1]
     eps_pred, v = out[:, :c], out[:, c:]
     mse = ((eps - eps_pred) ** 2).mean(dim=(1, 2, 3))
 
     # VLB term, mean gradient stopped: only the variance learns from it.
-    c0 = g(abar_prev.sqrt() * betas / (1 - abar))
-    ct = g((1 - betas).sqrt() * (1 - abar_prev) / (1 - abar))
+    c0 = g(k["c0"])
+    ct = g(k["ct"])
     true_mean = c0 * x0 + ct * x_t
-    x0_pred = (x_t - g((1 - abar).sqrt()) * eps_pred.detach()) / g(abar.sqrt())
+    x0_pred = (x_t - g(k["sqrt_one_minus_abar"]) * eps_pred.detach()) / g(k["sqrt_abar"])
     model_mean = c0 * x0_pred + ct * x_t
     frac = (v + 1) / 2
-    model_logvar = frac * g(betas.log()) + (1 - frac) * g(post_logvar_clipped)
-    kl = _normal_kl(true_mean, g(post_logvar_clipped), model_mean, model_logvar).mean(dim=(1, 2, 3)) / math.log(2)
+    model_logvar = frac * g(k["log_beta"]) + (1 - frac) * g(k["post_logvar_clipped"])
+    kl = _normal_kl(true_mean, g(k["post_logvar_clipped"]), model_mean, model_logvar).mean(dim=(1, 2, 3)) / math.log(2)
     nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).mean(dim=(1, 2, 3)) / math.log(2)
     # improved-diffusion rescales the VLB by T / 1000, so lambda = 0.001 holds for any T.
     vb = torch.where(t == 0, nll, kl) * (schedule.num_timesteps / 1000.0)
 
     loss = (mse + vb).mean()
-    return loss, {"mse": float(mse.detach().mean()), "vb": float(vb.detach().mean())}
+    parts = {"mse": mse.detach().mean(), "vb": vb.detach().mean()}
+    return loss, ({k: float(v) for k, v in parts.items()} if sync else parts)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -291,7 +314,7 @@ def train(
         acc = state.get("acc", acc)  # the losses of a block that an interrupt cut short
 
     def save(path: Path = ckpt_path) -> None:
-        state = {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "log": log, "acc": acc}
+        state = {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "log": log, "acc": _floats(acc)}
         atomic_write(path, lambda f: torch.save(state, f))
         if path == ckpt_path:
             atomic_write(run / "ema.safetensors", lambda f: f.write(save_safetensors({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})))
@@ -312,6 +335,18 @@ def train(
         for sig in (signal.SIGINT, signal.SIGTERM):
             handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
 
+    # On a GPU, nothing in a step waits for the GPU: the constants live there, the batch goes over
+    # from pinned memory, the losses stay tensors until a checkpoint logs them, and the EMA is one
+    # multi-tensor update. On the CPU the arithmetic is the same, operation for operation.
+    tables = loss_tables(schedule, device)
+    if device.type == "cuda":
+        def put(x: torch.Tensor) -> torch.Tensor:
+            return x.pin_memory().to(device, non_blocking=True)
+    else:
+        def put(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device)
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
+
     start = time.time()
     net.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", unit="step")
@@ -319,15 +354,15 @@ def train(
         while step < cfg.steps:
             # Batch (drawn on the CPU, so that a run is the same batch for batch on any device).
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
-            x0 = data[idx.to(device)].contiguous(memory_format=torch.channels_last)
-            t = torch.randint(cfg.num_timesteps, (cfg.batch_size,), generator=gen).to(device)
-            eps = torch.randn(x0.shape, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
-            xi = torch.randn(x0.shape, generator=gen).to(device) if cfg.input_perturbation else None
+            x0 = data[put(idx)].contiguous(memory_format=torch.channels_last)
+            t = put(torch.randint(cfg.num_timesteps, (cfg.batch_size,), generator=gen))
+            eps = put(torch.randn(x0.shape, generator=gen)).contiguous(memory_format=torch.channels_last)
+            xi = put(torch.randn(x0.shape, generator=gen)) if cfg.input_perturbation else None
 
             # Optimiser step.
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            loss, parts = hybrid_loss(net, schedule, x0, t, eps, gamma=cfg.input_perturbation, xi=xi)
+            loss, parts = hybrid_loss(net, schedule, x0, t, eps, gamma=cfg.input_perturbation, xi=xi, tables=tables, sync=False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -336,18 +371,18 @@ def train(
             # EMA (with the usual warm-up of the decay).
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for pe, p in zip(ema.parameters(), net.parameters()):
-                    pe.lerp_(p, 1 - decay)
+                torch._foreach_lerp_(ema_params, net_params, 1 - decay)
             step += 1
-            acc["loss"].append(loss.item())
+            acc["loss"].append(loss.detach())
             acc["mse"].append(parts["mse"])
             acc["vb"].append(parts["vb"])
             bar.update(1)
-            bar.set_postfix(loss=f"{acc['loss'][-1]:.4f}")
 
             saved = False
             if step % cfg.save_every == 0 or step == cfg.steps:
+                acc = _floats(acc)
                 log.append({"step": step, **{k: float(np.mean(v)) for k, v in acc.items()}, "lr": learning_rate(cfg, step - 1), "time": time.time()})
+                bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
                 acc = {k: [] for k in acc}
                 save()
                 saved = True
@@ -366,6 +401,11 @@ def train(
         for sig, h in handlers.items():
             signal.signal(sig, h)
     return run
+
+
+def _floats(acc: dict[str, list]) -> dict[str, list[float]]:
+    """The step losses as Python floats (they are kept as tensors between checkpoints)."""
+    return {k: [float(x) for x in v] for k, v in acc.items()}
 
 
 def threading_main() -> bool:
