@@ -187,3 +187,17 @@ def test_a_class_conditional_unet_pipeline_takes_labels_and_no_clip(tmp_path, ca
     assert build_plan(tmp_path / "p", sampler="ddpm", steps=3, sampler_opts={"clip": None}).sampler_opts["clip"] is None
     code, out, err = _run([*base, "--no-clip", "--out", tmp_path / "c.npz"], capsys)
     assert code == 0, err
+
+
+def test_prompt_file_refusals_are_one_line(sources, tmp_path, capsys):
+    """--prompt-file: an unreadable or empty file, and a pipeline that takes no prompts, are one-line errors."""
+    model, _ = sources["diffusers-ddim"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a shoe\n\na bag\n")
+    cases = ((tmp_path / "missing.txt", "cannot read it"), (empty, "holds no prompts"), (prompts, "is for text-to-image pipelines"))
+    for path, needle in cases:
+        code, out, err = _run(["sample", *model, "--prompt-file", path, "--seeds", "0-1", "--out", tmp_path / "s.npz"], capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "s.npz").exists()
