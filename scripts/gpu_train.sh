@@ -12,13 +12,13 @@
 # the training budget; a run stops cleanly after the checkpoint that follows it), DEVICE (cuda),
 # DATA (.gpu_data), RUN (runs/fmnist28), IP (0.1; 0 trains no twin), IP_RUN (runs/fmnist28-ip),
 # KEEP (the main run's EMA snapshots to return: 1200 3000 6000, i.e. 10/25/50%, for
-# benchmarks/es_vs_training.py), RESUME (a folder holding the train.tgz.part-* of an earlier call,
-# carried along: the runs continue from them; default $OUT).
+# benchmarks/es_vs_training.py). A run that has no state yet under RUN starts from its resume state
+# on main, train_state/<run name>/, where there is one (scripts/save_train_state.sh keeps it there).
 # What comes back in $OUT: train.log and train.tgz.part-* (at most 15 MiB each). Unpack here with
 #     cat train.tgz.part-* | tar -xzf -
 # It holds, per run: train_config.json, loss.json, state.json, model.json + model.safetensors (the
 # EMA weights at the last step) where a run finished, else checkpoint.pt (rerun the same
-# `epsscale train` command here, or this script there with RESUME, to continue it), and the
+# `epsscale train` command here, or save it onto main and rerun this script there), and the
 # main run's KEEP snapshots once it has finished.
 # Test it on the CPU at toy size first:
 #     STEPS=4 BATCH=4 SNAPSHOT=2 KEEP=2 DEVICE=cpu DATA=/usr/share/datasets/fashion-mnist OUT=/tmp/gpu_train RUN=/tmp/gpu_train/runs/a IP_RUN=/tmp/gpu_train/runs/b bash scripts/gpu_train.sh
@@ -34,8 +34,10 @@ PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 [ "$DEVICE" = cpu ] || nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-RESUME="${RESUME:-$OUT}"
-if ls "$RESUME"/train.tgz.part-* >/dev/null 2>&1; then cat "$RESUME"/train.tgz.part-* | tar -xzf -; fi   # resume returned runs
+for run in "$RUN" "$IP_RUN"; do   # continue from the resume state committed on main
+  saved="train_state/$(basename "$run")"
+  if [ ! -f "$run/state.json" ] && [ -f "$saved/state.json" ]; then mkdir -p "$run" && cp -r "$saved"/. "$run"/; echo "resuming $run from $saved"; fi
+done
 
 train() {  # run-dir, extra options...
   local run=$1; shift

@@ -1,33 +1,32 @@
 #!/bin/bash
-# Keep training runs' resume state in git, on the branch train-state, so that a fresh clone (on
-# any machine) can continue them. The working tree, main's index and main's history are untouched:
-# the files go in through a scratch index straight onto the branch.
+# Keep training runs' resume state on main, in the tracked folder train_state/, so that a fresh clone
+# on any machine can continue them. (Only main survives from one machine to the next: a side branch
+# made here was lost once, with 5,600 GPU-trained steps on it.)
 #
-#     bash scripts/save_train_state.sh runs/fmnist28 runs/fmnist28-ip
-#     KEEP="runs/fmnist28-cpu/snapshots/ema_step001200.safetensors" bash scripts/save_train_state.sh runs/fmnist28
+#     bash scripts/save_train_state.sh runs/fmnist28
+#     KEEP="runs/fmnist28/snapshots/ema_step001200.safetensors" bash scripts/save_train_state.sh runs/fmnist28
 #
-# Per run: train_config.json, loss.json, state.json, checkpoint.pt, init_from.json (where there),
-# plus the files named in KEEP. To continue a run in a fresh clone:
-#     git fetch origin train-state 2>/dev/null; git archive train-state runs/fmnist28 | tar -x
-#     epsscale train --run-dir runs/fmnist28 --steps 12000 --snapshot-every 600 --data .gpu_data --threads 1
+# Per run it copies train_config.json, loss.json, state.json, checkpoint.pt and init_from.json (where
+# there) into train_state/<run name>/, the files named in KEEP into train_state/<run name>/snapshots/,
+# and commits train_state/ alone (nothing else that is staged). To continue a run in a fresh clone:
+#     mkdir -p runs && cp -rn train_state/fmnist28 runs/
+#     epsscale train --run-dir runs/fmnist28 --steps 12000 --snapshot-every 600 --threads 1
 set -eu
-BRANCH="${BRANCH:-train-state}"
 [ $# -gt 0 ] || { echo "usage: save_train_state.sh RUN_DIR..." >&2; exit 2; }
-export GIT_INDEX_FILE
-GIT_INDEX_FILE=$(mktemp -u)
-trap 'rm -f "$GIT_INDEX_FILE"' EXIT
-parent=$(git rev-parse -q --verify "refs/heads/$BRANCH" || true)
-if [ -n "$parent" ]; then git read-tree "$parent"; else git read-tree --empty; fi
-add() { git update-index --add --cacheinfo "100644,$(git hash-object -w "$1"),$1"; }
 summary=()
 for run in "$@"; do
   run="${run%/}"
   [ -f "$run/checkpoint.pt" ] || { echo "save_train_state: $run has no checkpoint.pt" >&2; exit 1; }
-  for f in train_config.json loss.json state.json checkpoint.pt init_from.json; do [ -f "$run/$f" ] && add "$run/$f"; done
-  summary+=("$run at step $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$run/state.json")")
+  dest="train_state/$(basename "$run")"
+  mkdir -p "$dest"
+  for f in train_config.json loss.json state.json checkpoint.pt init_from.json; do
+    [ -f "$run/$f" ] && cp "$run/$f" "$dest/$f.tmp" && mv "$dest/$f.tmp" "$dest/$f"
+  done
+  for f in ${KEEP:-}; do
+    case "$f" in "$run"/*) mkdir -p "$dest/snapshots"; cp "$f" "$dest/snapshots/";; esac
+  done
+  summary+=("$(basename "$run") at step $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$dest/state.json")")
 done
-for f in ${KEEP:-}; do add "$f"; done
-tree=$(git write-tree)
-commit=$(git commit-tree "$tree" ${parent:+-p "$parent"} -m "Resume state: $(IFS=,; echo "${summary[*]}")")
-git update-ref "refs/heads/$BRANCH" "$commit"
-echo "saved onto $BRANCH ($commit): $(IFS=,; echo "${summary[*]}")"
+git add train_state
+git commit -q -m "train_state: resume state of $(IFS=,; echo "${summary[*]}")" -- train_state
+echo "committed: $(git log -1 --format='%h %s')"
