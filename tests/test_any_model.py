@@ -201,3 +201,75 @@ def test_prompt_file_refusals_are_one_line(sources, tmp_path, capsys):
         code, out, err = _run(["sample", *model, "--prompt-file", path, "--seeds", "0-1", "--out", tmp_path / "s.npz"], capsys)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "s.npz").exists()
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """The 256 printable stand-ins for bytes that CLIP's byte-level BPE vocabulary is written in."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    table = dict(zip(keep, map(chr, keep))) | {b: chr(256 + i) for i, b in enumerate(moved)}
+    return [table[b] for b in range(256)]
+
+
+@pytest.fixture(scope="module")
+def text_pipeline(tmp_path_factory) -> Path:
+    """A tiny Stable Diffusion pipeline saved to disk: CLIP text encoder, a character-level tokenizer (no merges),
+    a cross-attention UNet and a VAE, all at random initialisation."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    d = tmp_path_factory.mktemp("sd")
+    chars = _gpt2_byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=16, bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4)
+    vae = AutoencoderKL(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, sample_size=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(d / "pipe")
+    return d / "pipe"
+
+
+def test_a_text_to_image_pipeline_cycles_prompts_over_seeds(text_pipeline, extractor, tmp_path, capsys):
+    """--prompt-file on a real StableDiffusionPipeline: seed i takes prompt i mod n; guidance and ES change the samples;
+    calibrate tunes b with the prompts and sample reads its schedule."""
+    two, one = tmp_path / "two.txt", tmp_path / "one.txt"
+    two.write_text("a shoe\na bag\n")
+    one.write_text("a shoe\na shoe\n")  # the same number of prompts: the text encoder sees the same batch shape
+    base = ["--diffusers", text_pipeline, "--sampler", "ddim", "--steps", "3"]
+
+    def sample(prompts: Path, name: str, *extra) -> np.ndarray:
+        code, out, err = _run(["sample", *base, "--prompt-file", prompts, "--seeds", "0-3", "--quiet", *extra, "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        return np.load(tmp_path / name)["arr_0"].astype(int)
+
+    a, b = sample(two, "a.npz"), sample(one, "b.npz")
+    assert a.shape == (4, 16, 16, 3)
+    diff = np.abs(a - b).reshape(4, -1).max(1)
+    # Seeds 0 and 2 take "a shoe" in both runs (at most one uint8 level of round-off apart); seeds 1 and 3 take
+    # "a bag" in one run only, which a random text encoder still turns into visibly different images.
+    assert diff[0] <= 1 and diff[2] <= 1 and diff[1] > 8 and diff[3] > 8, diff
+    guided = sample(two, "g.npz", "--guidance-scale", "3")
+    scaled = sample(two, "e.npz", "--guidance-scale", "3", "--eps-scale", "1.05")
+    assert np.abs(guided - a).max() > 8 and np.abs(scaled - guided).max() > 0
+
+    data = _data(tmp_path, "data", n=12, size=16, channels=3, seed=2)
+    sched_path = tmp_path / "lam.json"
+    code, out, err = _run(["calibrate", *base, "--prompt-file", two, "--data", data, "--extractor", extractor, "--search", "grid",
+                           "--lo", "0.98", "--hi", "1.02", "--points", "3", "--fid-num", "8", "--quiet", "--out", sched_path], capsys)
+    assert code == 0, err
+    assert sorted(float(k) for k in load_schedule(sched_path).meta["points"]) == pytest.approx([0.98, 1.0, 1.02])
+    read = sample(two, "s.npz", "--eps-schedule", sched_path)
+    assert read.shape == (4, 16, 16, 3)

@@ -276,7 +276,7 @@ _ONLY = {
     "--tol": ("tol", 1e-3, lambda a: a.method == "fid" and a.search == "golden"),
     "--center": ("center", 1.0, lambda a: a.method == "fid" and a.search == "parabola"),
     "--spacing": ("spacing", 0.01, lambda a: a.method == "fid" and a.search == "parabola"),
-    "--tilt-spacing": ("tilt_spacing", 0.01, lambda a: a.method == "fid" and a.kind == "linear"),
+    "--tilt-spacing": ("tilt_spacing", 0.04, lambda a: a.method == "fid" and a.kind == "linear"),
 }
 
 
