@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from epsscale.exposure.search import TILT_STEP
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--norm-cache-dir", default="benchmarks/calibration_norm", help="norm-matching results, one schedule JSON each")
     ap.add_argument("--parabola-num", type=int, default=100, help="samples per point of the parabola search (0: skip)")
     ap.add_argument("--parabola-step", type=float, default=0.01)
-    ap.add_argument("--tilt-step", type=float, default=0.04, help="the linear search's tilt spacing (lambda of the first step minus the last)")
+    ap.add_argument("--tilt-step", type=float, default=TILT_STEP, help="the linear search's tilt spacing (lambda of the first step minus the last)")
     ap.add_argument("--parabola-cache", default=None, help="default OUT.parabola.json")
     ap.add_argument("--eval-cache", default="benchmarks/calibration_heldout.json", help="held-out FID per schedule")
     args = ap.parse_args()

@@ -34,9 +34,8 @@ PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 [ "$DEVICE" = cpu ] || nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-for run in "$RUN" "$IP_RUN"; do   # continue from the resume state committed on main
-  saved="train_state/$(basename "$run")"
-  if [ ! -f "$run/state.json" ] && [ -f "$saved/state.json" ]; then mkdir -p "$run" && cp -r "$saved"/. "$run"/; echo "resuming $run from $saved"; fi
+for run in "$RUN" "$IP_RUN"; do   # continue from the resume state committed on main, where there is one
+  [ -d "train_state/$(basename "$run")" ] && bash scripts/restore_train_state.sh "$run"
 done
 
 train() {  # run-dir, extra options...

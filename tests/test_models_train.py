@@ -193,8 +193,9 @@ def test_snapshots_and_fork(tmp_path):
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
 def test_gpu_train_script_at_toy_size_on_the_cpu(tmp_path):
     """scripts/gpu_train.sh trains the recipe and its DDPM-IP twin side by side and packs them in
-    parts under 16 MiB (checkpoints while unfinished, weights and snapshots once done); a second
-    call on a fresh machine resumes both from the returned parts."""
+    parts under 16 MiB (checkpoints while unfinished, weights and snapshots once done). What comes
+    back is unpacked, committed by save_train_state.sh (the checkpoint in pieces), and a second call
+    on a fresh machine resumes both runs from that commit (restore_train_state.sh)."""
     import os
     import subprocess
     import sys
@@ -208,11 +209,17 @@ def test_gpu_train_script_at_toy_size_on_the_cpu(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "src").symlink_to(root / "src")
+    (work / "scripts").symlink_to(root / "scripts")
     out = tmp_path / "out"
+    git_env = {**env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+
+    logs = []
 
     def call() -> dict[str, bytes]:
         p = subprocess.run(["bash", str(root / "scripts" / "gpu_train.sh")], cwd=work, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
+        logs.append(p.stdout)
         parts = sorted(out.glob("train.tgz.part-*"))
         assert parts and all(q.stat().st_size <= 15 * 2**20 for q in parts) and len(list(out.iterdir())) <= 8
         (tmp_path / "train.tgz").write_bytes(b"".join(q.read_bytes() for q in parts))
@@ -226,9 +233,22 @@ def test_gpu_train_script_at_toy_size_on_the_cpu(tmp_path):
     assert not any("snapshots" in name for name in first)
     import shutil
 
-    shutil.rmtree(work / "runs")  # a fresh machine: only the returned files are left
+    # Here: unpack what came back and keep it on main; then a fresh machine has only the commit.
+    shutil.rmtree(work / "runs")
+    with tarfile.open(tmp_path / "train.tgz") as tar:
+        tar.extractall(work, filter="data")
+    p = subprocess.run(["bash", "scripts/save_train_state.sh", "runs/gpu", "runs/gpu-ip"], cwd=work, env=git_env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    tracked = subprocess.run(["git", "ls-files", "train_state"], cwd=work, capture_output=True, text=True).stdout.split()
+    assert "train_state/gpu/checkpoint.pt.part-00" in tracked and not any(t.endswith("checkpoint.pt") for t in tracked)
+    shutil.rmtree(work / "runs")
     env["MINUTES"] = "10"
     second = call()
+    assert "runs/gpu: restored from train_state/gpu" in logs[-1] and "runs/gpu-ip: restored from train_state/gpu-ip" in logs[-1]
+    # The pieces put together again are the checkpoint that came back (the trainer's own resume is tested above).
+    p = subprocess.run(["bash", "scripts/restore_train_state.sh", "again/gpu"], cwd=work, capture_output=True, text=True)
+    assert p.returncode == 0 and (work / "again/gpu/checkpoint.pt").read_bytes() == first["runs/gpu/checkpoint.pt"], p.stderr
+    assert json.loads((work / "again/gpu/state.json").read_text()) == {"step": 2}
     for run in ("runs/gpu", "runs/gpu-ip"):
         assert json.loads(second[f"{run}/loss.json"])[-1]["step"] == 4
         assert f"{run}/model.safetensors" in second and f"{run}/checkpoint.pt" not in second

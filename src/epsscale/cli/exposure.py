@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..adapters import forward_attrs
-from ..exposure.search import TUNING_SEED0
+from ..exposure.search import TILT_STEP, TUNING_SEED0
 from ..hashing import describe, digest_json
 from . import common
 from .common import UserError
@@ -276,7 +276,7 @@ _ONLY = {
     "--tol": ("tol", 1e-3, lambda a: a.method == "fid" and a.search == "golden"),
     "--center": ("center", 1.0, lambda a: a.method == "fid" and a.search == "parabola"),
     "--spacing": ("spacing", 0.01, lambda a: a.method == "fid" and a.search == "parabola"),
-    "--tilt-spacing": ("tilt_spacing", 0.04, lambda a: a.method == "fid" and a.kind == "linear"),
+    "--tilt-spacing": ("tilt_spacing", TILT_STEP, lambda a: a.method == "fid" and a.kind == "linear"),
 }
 
 

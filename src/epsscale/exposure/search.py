@@ -312,6 +312,12 @@ def linear_from_tilt(mean: float, tilt: float, steps: int) -> Linear:
     return Linear(k=tilt / (steps - 1), b=mean - tilt / 2)
 
 
+# The tilt search's default spacing: the size of the paper's tilts (CIFAR-10 at 20 steps: k = 0.0025,
+# κ = 19k = 0.0475). On the shipped model a spacing of 0.01 moved FID at 100 samples by less than
+# its noise, and the search stayed at κ ≈ 0 (benchmarks/RESULTS.md, "Better than uniform").
+TILT_STEP = 0.04
+
+
 @dataclass(frozen=True)
 class LinearSearchResult:
     """The linear schedule two parabola searches chose, with both searches."""
@@ -335,7 +341,7 @@ def linear_search(
     *,
     center: float = 1.0,
     step: float = 0.01,
-    tilt_step: float = 0.04,
+    tilt_step: float = TILT_STEP,
     lo: float = 0.5,
     hi: float = 1.5,
     cache_path: str | os.PathLike | None = None,
@@ -347,10 +353,7 @@ def linear_search(
     time). First the parabola search over uniform b (:func:`fid_search`, ``method="parabola"``)
     gives the best mean level; then a parabola search over the tilt κ, the λ difference between
     the first and the last step at that mean (:func:`linear_from_tilt`), starting from κ = 0
-    with spacing ``tilt_step``. Its default, 0.04, is the size of the paper's tilts (CIFAR-10 at 20
-    steps: k = 0.0025, κ = 19k = 0.0475): on the shipped model a spacing of 0.01 moved FID at 100
-    samples by less than its noise, and the search stayed at κ ≈ 0 (benchmarks/RESULTS.md,
-    "Better than uniform"); b stays in [``lo``, ``hi``]. Keeping the mean fixed follows the paper's observation that its
+    with spacing ``tilt_step`` (default :data:`TILT_STEP`, the paper's tilt size); b stays in [``lo``, ``hi``]. Keeping the mean fixed follows the paper's observation that its
     published 20-step (k, b) pairs keep mean(λ) near the best uniform b. Both searches cache
     their points (``cache_path`` for b, the same name with ``.tilt`` for κ), so a run resumes.
     """
