@@ -13,7 +13,10 @@ Methods, each on the shipped model's plan for the sampler (its grid and x0 clipp
 * ``DCW``: the low-frequency Haar band corrected after each step (arXiv 2604.16044), knob: c;
 * ``ES + Time-Shift``, ``ES + DCW``: each method at its own tuned knob, stacked as they are;
 * ``IP``, ``IP + ES``: the DDPM-IP model (input perturbation in training; ``--ip-model``) at
-  λ = 1 and at its own tuned b.
+  λ = 1 and at its own tuned b;
+* ``control``, ``control + ES``: where the IP model is a fine-tune of the main one, the same
+  fine-tune with γ = 0 (``--control-model``): the extra training steps alone, so that IP's rows
+  can be read against it rather than against a model that trained less.
 
 Every knob is tuned with the same budget: a grid of ``--tune-points`` values on ``--tune-num``
 tuning seeds (1,000,000...) against the train split; the best value is then evaluated on
@@ -34,7 +37,23 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("baseline", "ES", "Time-Shift", "TSR", "DCW", "ES + Time-Shift", "ES + DCW", "IP", "IP + ES")
+METHODS = ("baseline", "ES", "Time-Shift", "TSR", "DCW", "ES + Time-Shift", "ES + DCW", "IP", "IP + ES", "control", "control + ES")
+# Methods with a knob of their own, tuned on the tuning seeds; "IP + ES" and "control + ES" tune b
+# on their own model.
+TUNED = ("ES", "Time-Shift", "TSR", "DCW", "IP + ES", "control + ES")
+MODEL_OF = {"IP": "ip", "control": "control"}
+
+
+def model_of(method: str) -> str:
+    """Which model a method samples: ``ip``, ``control`` or ``main``."""
+    return MODEL_OF.get(method.split(" + ")[0], "main")
+
+
+def knobs_of(method: str, tuned: dict[str, float | None]) -> dict[str, float | None]:
+    """The knob values a method runs at, from the tuned ones (by method name)."""
+    if model_of(method) != "main":
+        return {"ES": tuned.get(method)} if method.endswith(" + ES") else {}
+    return {k: tuned.get(k) for k in ("ES", "Time-Shift", "TSR", "DCW") if k in method.split(" + ")}
 BEGIN, END = "<!-- compare.py --report: begin -->", "<!-- compare.py --report: end -->"
 
 
@@ -43,7 +62,7 @@ def knob_grid(method: str, steps: int, points: int) -> list[float]:
     value: b = 1, w = 0, k = 1, c = 0)."""
     from epsscale.timeshift import paper_defaults
 
-    if method in ("ES", "IP + ES"):
+    if method == "ES" or method.endswith(" + ES") and model_of(method) != "main":
         return [round(1.0 + 0.005 * i, 4) for i in range(-1, points - 1)]  # 0.995, 1, 1.005, ...
     if method == "Time-Shift":
         w = paper_defaults(steps)[0]
@@ -101,12 +120,12 @@ class Evaluator:
 
 
 def model_ids(args: argparse.Namespace) -> dict[str, str]:
-    """Cache names of the models: main/ip plus a digest of their weights (a new model, new keys)."""
+    """Cache names of the models: main/ip/control plus a digest of their weights (a new model, new keys)."""
     from epsscale.hashing import digest_file
     from epsscale.models.pretrained import SHIPPED
 
     ids = {}
-    for name, path in (("main", SHIPPED.get(args.model, Path(args.model))), ("ip", Path(args.ip_model))):
+    for name, path in (("main", SHIPPED.get(args.model, Path(args.model))), ("ip", Path(args.ip_model)), ("control", Path(args.control_model))):
         weights = Path(path).with_suffix(".safetensors") if Path(path).suffix != ".safetensors" else Path(path)
         if Path(path).is_dir():
             weights = Path(path) / "model.safetensors"
@@ -122,23 +141,21 @@ def run_cell(ev: Evaluator, models: dict, sampler: str, steps: int, args: argpar
     ids = model_ids(args)
     bases = {ids[name]: shipped_plan(sampler, steps, model=m) for name, m in models.items()}
     tuned: dict[str, float] = {}
-    for method in ("ES", "Time-Shift", "TSR", "DCW", "IP + ES"):
-        model = ids.get("ip" if method.startswith("IP") else "main")
+    for method in TUNED:
+        model = ids.get(model_of(method))
         if model not in bases:
             continue
-        knob = "ES" if method == "IP + ES" else method
+        knob = "ES" if method.endswith(" + ES") else method
         scores = {}
         for v in knob_grid(method, steps, args.tune_points):
-            res = ev(f"{model}|{sampler}|{steps}|{knob}={v}", plan_for(bases[model], method, {knob: v}), args.tune_num, TUNING_SEED0, "fashion-mnist-train")
+            res = ev(f"{model}|{sampler}|{steps}|{knob}={v}", plan_for(bases[model], knob, {knob: v}), args.tune_num, TUNING_SEED0, "fashion-mnist-train")
             scores[v] = res["fid"]
         tuned[method] = min(scores, key=scores.get)
     for method in METHODS:
-        model = ids.get("ip" if method.startswith("IP") else "main")
+        model = ids.get(model_of(method))
         if model not in bases:
             continue
-        knobs = {k: tuned[k] for k in ("ES", "Time-Shift", "TSR", "DCW") if k in method.split(" + ") and k in tuned}
-        if method == "IP + ES":
-            knobs = {"ES": tuned["IP + ES"]}
+        knobs = knobs_of(method, tuned)
         ev(f"{model}|{sampler}|{steps}|" + ",".join(f"{k}={v}" for k, v in sorted(knobs.items())), plan_for(bases[model], method, knobs), args.num, 0, "fashion-mnist-test")
 
 
@@ -155,14 +172,13 @@ def rows(cache: dict, sampler: str, steps: int, args: argparse.Namespace) -> lis
             grid[v] = hit["fid"]
         return min(grid, key=grid.get)
 
-    best = {m: tuned(ids.get("ip" if m.startswith("IP") else "main", "-"), "ES" if m == "IP + ES" else m, m) for m in ("ES", "Time-Shift", "TSR", "DCW", "IP + ES")}
+    best = {m: tuned(ids.get(model_of(m), "-"), "ES" if m.endswith(" + ES") else m, m) for m in TUNED}
     out = []
     base = None
     for method in METHODS:
-        model = ids.get("ip" if method.startswith("IP") else "main", "-")
-        parts = method.split(" + ")
-        knobs = {"ES": best["IP + ES"]} if method == "IP + ES" else {k: best[k] for k in ("ES", "Time-Shift", "TSR", "DCW") if k in parts}
-        if any(v is None for v in knobs.values()) or (method == "IP + ES" and best["IP + ES"] is None):
+        model = ids.get(model_of(method), "-")
+        knobs = knobs_of(method, best)
+        if any(v is None for v in knobs.values()):
             continue
         hit = cache.get(f"{model}|{sampler}|{steps}|" + ",".join(f"{k}={v}" for k, v in sorted(knobs.items())) + f"|{args.num}|0|fashion-mnist-test")
         if hit is None:
@@ -228,6 +244,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="fmnist")
     ap.add_argument("--ip-model", default=str(HERE / "ip_model" / "model"), help="the DDPM-IP model (IP rows are skipped while it is missing)")
+    ap.add_argument("--control-model", default=str(HERE / "ip_model" / "control"), help="the IP fine-tune's control: the same fine-tune with gamma = 0 (its rows are skipped while it is missing)")
     ap.add_argument("--cache", default=str(HERE / "compare_cache.json"))
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--write-results", action="store_true")
@@ -238,8 +255,9 @@ def main() -> int:
         from epsscale.models.pretrained import load_model
 
         models = {"main": load_model(args.model)}
-        if Path(args.ip_model).with_suffix(".json").exists():
-            models["ip"] = load_model(args.ip_model)
+        for name, path in (("ip", args.ip_model), ("control", args.control_model)):
+            if Path(path).with_suffix(".json").exists():
+                models[name] = load_model(path)
         ev = Evaluator(cache_path, args.batch)
         for steps in (int(s) for s in args.steps.split(",")):
             for sampler in args.samplers.split(","):

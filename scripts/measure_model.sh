@@ -1,0 +1,90 @@
+#!/bin/bash
+# Re-measure everything on a newly trained model, in the order that matters, stage by stage.
+# Every stage caches what it finishes (the benchmarks' own caches, or a file under $OUT), so a
+# killed run loses at most one batch: rerun the same command to go on. Stages (STAGES, in order):
+#   export   the run's EMA weights -> $RUN/model.{safetensors,json}
+#   sweep    benchmarks/start_sweep.py: where DDIM, Euler and Heun start (FID at 20 steps, lambda = 1)
+#   ship     scripts/ship_model.py: the model becomes src/epsscale/assets/fmnist_adm with those
+#            starts in its config; the old model's caches and plots leave the working tree
+#   targets  DDPM 20 and 100 steps, seeds 0..$TARGET_NUM-1 -> FID against the test split, pixel
+#            statistics (scripts/pixel_stats.py), the extractor's floor (scripts/fid_floor.py)
+#   measure  epsscale measure, DDPM and DDIM at 20 steps, from data and from the prior
+#   lambdas  the demo's lambdas: FID grids on tuning seeds (benchmarks/calibration.py), then
+#            scripts/ship_es.py
+#   esvt     benchmarks/es_vs_training.py over the run's 10/25/50/100% snapshots
+#   quality  benchmarks/quality.py (Q_ARGS; default: 2,000 held-out samples)
+#   ip       the DDPM-IP twin: the finished run fine-tuned for IP_STEPS more steps with
+#            --input-perturbation 0.1 (constant lr 1e-4), and its control, the same fine-tune with
+#            gamma = 0, exported to benchmarks/ip_model/{model,control}
+#   compare  benchmarks/compare.py (C_ARGS)
+# Settings: RUN (runs/fmnist28), STEPS (12000), THREADS (2), DEVICE (cpu), OUT (out/measure),
+# STAGES (all of the above), TARGET_NUM (5000), IP_STEPS (2400, 20% of the run).
+#     STAGES="export sweep ship targets" bash scripts/measure_model.sh
+# Each stage's commands are echoed; they are the commands benchmarks/RESULTS.md quotes.
+set -u
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+RUN="${RUN:-runs/fmnist28}"
+STEPS="${STEPS:-12000}"
+T="${THREADS:-2}"
+DEVICE="${DEVICE:-cpu}"
+OUT="${OUT:-out/measure}"
+N="${TARGET_NUM:-5000}"
+PY="${PYTHON:-python3}"
+STAGES="${STAGES:-export sweep ship targets measure lambdas esvt quality ip compare}"
+mkdir -p "$OUT"
+run() { echo "+ $*"; "$@" || { echo "measure_model: failed ($?): $*"; exit 1; }; }
+ep() { run "$PY" -m epsscale "$@"; }
+
+for stage in $STAGES; do
+  echo "== $stage ($(date +%H:%M:%S))"
+  case "$stage" in
+  export)
+    done_step=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$RUN/state.json" 2>/dev/null || echo 0)
+    [ "$done_step" -ge "$STEPS" ] || { echo "measure_model: $RUN is at step $done_step of $STEPS"; exit 1; }
+    ep train --run-dir "$RUN" --steps "$STEPS" --export "$RUN/model" --threads "$T" --quiet ;;
+  sweep)
+    run "$PY" benchmarks/start_sweep.py --model "$RUN/model" --steps 20 --threads "$T" --batch 250 --device "$DEVICE" ;;
+  ship)
+    run "$PY" scripts/ship_model.py "$RUN/model" --start-sweep benchmarks/start_sweep.json --steps 20
+    # The old model's numbers go rather than stand beside the new ones.
+    rm -rf benchmarks/quality_cache*.json benchmarks/quality_tune benchmarks/quality_tune_cuda benchmarks/quality.png \
+      benchmarks/quality_cuda.png benchmarks/calibration_*.json benchmarks/calibration_norm benchmarks/exposure_ddpm20 \
+      benchmarks/exposure_ddim20 benchmarks/*_work
+    echo "old caches removed: commit their removal with the new model" ;;
+  targets)
+    for s in 20 100; do
+      f="$OUT/ddpm${s}_${N}.npz"
+      [ -f "$f" ] || ep sample --sampler ddpm --steps "$s" --seeds "0-$((N - 1))" --batch 250 --threads "$T" --quiet --out "$f"
+      [ -f "$f.fid.json" ] || { ep fid "$f" --ref fashion-mnist-test --threads "$T" --json --quiet > "$f.fid.json.tmp" && mv "$f.fid.json.tmp" "$f.fid.json"; }
+      cat "$f.fid.json"
+    done
+    run "$PY" scripts/pixel_stats.py --npz "$OUT"/ddpm20_"$N".npz "$OUT"/ddpm100_"$N".npz
+    run "$PY" scripts/fid_floor.py --sizes 500,2000,5000 --repeats 3 --threads "$T" ;;
+  measure)
+    for start in data prior; do
+      ep measure --sampler ddpm --steps 20 --eps-scale 1.01 --num 256 --batch 256 --threads "$T" --start "$start" --quiet --out "benchmarks/exposure_ddpm20_$start"
+      ep measure --sampler ddim --steps 20 --eps-scale 1.01 --num 256 --batch 256 --threads "$T" --start "$start" --quiet --out "benchmarks/exposure_ddim20_$start"
+    done ;;
+  lambdas)
+    for s in ddpm ddim euler; do
+      run "$PY" benchmarks/calibration.py --sampler "$s" --steps 20 --lo 0.98 --hi 1.03 --points 11 --grid-num 500 --norm-kinds "" \
+        --eval-num 0 --parabola-num 0 --threads "$T" --cache "benchmarks/calibration_${s}_points.json" --out "benchmarks/calibration_$s.json"
+    done
+    run "$PY" scripts/ship_es.py benchmarks/calibration_ddpm.json benchmarks/calibration_ddim.json benchmarks/calibration_euler.json ;;
+  esvt)
+    run "$PY" benchmarks/es_vs_training.py --run-dir "$RUN" --steps-of 1200,3000,6000,12000 --total "$STEPS" --threads "$T" --device "$DEVICE" ;;
+  quality)
+    run "$PY" benchmarks/quality.py --steps 10,20,50,100 --threads "$T" --device "$DEVICE" ${Q_ARGS:---num 2000} ;;
+  ip)
+    for g in 0.1 0; do
+      [ "$g" = 0 ] && name=control || name=model
+      ep train --run-dir "$RUN-ip$g" --init-from "$RUN/snapshots/checkpoint_step$(printf %06d "$STEPS").pt" \
+        --steps "$((STEPS + ${IP_STEPS:-2400}))" --lr 1e-4 --lr-schedule constant --input-perturbation "$g" \
+        --snapshot-every 600 --threads "$T" --quiet --export "benchmarks/ip_model/$name"
+    done ;;
+  compare)
+    run "$PY" benchmarks/compare.py --threads "$T" ${C_ARGS:-} ;;
+  *) echo "measure_model: unknown stage $stage"; exit 2 ;;
+  esac
+done
+echo "== done ($(date +%H:%M:%S))"

@@ -1,0 +1,69 @@
+"""benchmarks/compare.py's bookkeeping: which model each method samples, its tuned knob, and the table
+read back from the cache (no sampling here)."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("compare_bench", ROOT / "benchmarks" / "compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_each_method_samples_its_own_model(compare):
+    assert compare.model_of("ES + DCW") == "main"
+    assert compare.model_of("IP + ES") == "ip"
+    assert compare.model_of("control + ES") == "control"
+    tuned = {"ES": 1.01, "DCW": 0.02, "IP + ES": 1.005, "control + ES": 0.995}
+    assert compare.knobs_of("ES + DCW", tuned) == {"ES": 1.01, "DCW": 0.02}
+    assert compare.knobs_of("IP + ES", tuned) == {"ES": 1.005}
+    assert compare.knobs_of("control + ES", tuned) == {"ES": 0.995}
+    assert compare.knobs_of("control", tuned) == {} == compare.knobs_of("baseline", tuned)
+    # Every ES-type knob grid holds the neutral b = 1; the other knobs' grids their neutral values.
+    for m in ("ES", "IP + ES", "control + ES"):
+        assert 1.0 in compare.knob_grid(m, 20, 5)
+    assert compare.knob_grid("DCW", 20, 3)[0] == 0.0
+
+
+def fake_weights(path: Path, content: bytes) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.safetensors").write_bytes(content)
+    return path
+
+
+def test_the_table_reads_each_model_at_its_own_tuned_b(compare, tmp_path):
+    args = argparse.Namespace(model="fmnist", ip_model=str(fake_weights(tmp_path / "ip", b"ip")),
+                              control_model=str(fake_weights(tmp_path / "ft", b"ft")), tune_points=3, tune_num=10, num=20,
+                              samplers="ddpm", steps="20")
+    ids = compare.model_ids(args)
+    assert set(ids) == {"main", "ip", "control"} and len(set(ids.values())) == 3
+    cache = {}
+
+    def put(model, knobs, fid, tuning=False):
+        tail = "|10|1000000|fashion-mnist-train" if tuning else "|20|0|fashion-mnist-test"
+        cache[f"{ids[model]}|ddpm|20|{knobs}{tail}"] = {"fid": fid, "per_image": 0.01}
+
+    for model, fids in (("main", (30.0, 20.0, 25.0)), ("ip", (17.0, 18.0, 19.0)), ("control", (22.0, 23.0, 21.0))):
+        for b, fid in zip(compare.knob_grid("ES", 20, 3), fids):
+            put(model, f"ES={b}", fid, tuning=True)
+    put("main", "", 40.0)
+    put("main", "ES=1.0", 39.0)
+    put("ip", "", 30.0)
+    put("ip", "ES=0.995", 28.0)
+    put("control", "", 36.0)
+    put("control", "ES=1.005", 35.0)
+    rows = {r[0]: r for r in compare.rows(cache, "ddpm", 20, args)}
+    assert set(rows) == {"baseline", "ES", "IP", "IP + ES", "control", "control + ES"}
+    assert rows["ES"][1] == "b = 1" and rows["IP + ES"][1] == "b = 0.995" and rows["control + ES"][1] == "b = 1.005"
+    assert rows["IP"][3] == "-25.0%" and rows["control"][3] == "-10.0%"
+    assert "| control + ES | b = 1.005 | 35.00 | -12.5% |" in compare.report(cache, args)
