@@ -5,8 +5,8 @@
 
 For each checkpoint (the EMA weights of a training snapshot, exported once into
 ``benchmarks/es_vs_training/models/stepNNNNNN/``, where a fresh clone finds them) and each
-sampler (DDPM ancestral on the respaced 20-step chain, DDIM on guided-diffusion's ``ddim20``
-stride; x0 clipped to [-1, 1] as ADM does), an FID grid over uniform b (0.98 ... 1.03 by 0.01,
+sampler (DDPM ancestral and DDIM, each on the grid the shipped model's config gives it, the start
+that benchmarks/start_sweep.py chose for the finished model; x0 clipped to [-1, 1] as ADM does), an FID grid over uniform b (0.98 ... 1.03 by 0.01,
 extended past an end that holds the minimum) on the same 500 tuning seeds at every b, against
 Fashion-MNIST's train split with the project's classifier features. The gain is FID at the best
 b over FID at b = 1, on those seeds. Every point is cached (``--cache-dir``), so a run resumes and
@@ -26,7 +26,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-SETTINGS = {"ddpm": ("respaced", {"clip": 1.0}), "ddim": ("ddim", {"clip": 1.0})}
 BEGIN, END = "<!-- es_vs_training.py --report: begin -->", "<!-- es_vs_training.py --report: end -->"
 
 
@@ -45,6 +44,15 @@ def export(run_dir: Path, models: Path, step: int) -> Path:
     return d
 
 
+def setting(sampler: str) -> tuple[str, float | None, dict, str]:
+    """(grid kind, Karras top, sampler options, label) of ``sampler`` as the shipped model runs it
+    (its config's ``sampling`` block): every checkpoint is measured on the finished model's grid."""
+    from epsscale.models.pretrained import shipped_discretisation, shipped_sampler_options
+
+    disc, sigma_max = shipped_discretisation(sampler)
+    return disc, sigma_max, shipped_sampler_options(sampler), disc if sigma_max is None else f"{disc}{sigma_max:g}"
+
+
 def grid_search(model: Path, sampler: str, steps: int, num: int, batch: int, cache: Path, lo: float = 0.98, hi: float = 1.03, points: int = 6, max_extend: int = 6, device: str = "cpu"):
     """The cached FID grid over b for one checkpoint and sampler (extended past an end minimum)."""
     from _common import grid_to_interior_minimum
@@ -53,11 +61,11 @@ def grid_search(model: Path, sampler: str, steps: int, num: int, batch: int, cac
     from epsscale.metrics import get_extractor, reference_stats
     from epsscale.models.pretrained import build_plan
 
-    disc, opts = SETTINGS[sampler]
-    plan = build_plan(model, sampler=sampler, steps=steps, disc=disc, sampler_opts=opts, device=device)
+    disc, sigma_max, opts, label = setting(sampler)
+    plan = build_plan(model, sampler=sampler, steps=steps, disc=disc, sigma_max=sigma_max, sampler_opts=opts, device=device)
     ext = get_extractor("fmnist", device=device)
     evaluate = fid_objective(plan, num, TUNING_SEED0, batch, ext, reference_stats(ext, "fashion-mnist-train"))
-    key = {"model": model.name, "sampler": sampler, "disc": disc, "steps": steps, "num": num}
+    key = {"model": model.name, "sampler": sampler, "disc": label, "steps": steps, "num": num}
     return grid_to_interior_minimum(evaluate, lo, hi, points, cache, key, max_extend)[0]
 
 
@@ -131,7 +139,7 @@ def main() -> int:
             d = model_dir(models, step) if model_dir(models, step).exists() else export(Path(args.run_dir), models, step)
             for sampler in args.samplers.split(","):
                 t0 = time.time()
-                res = grid_search(d, sampler, args.sampling_steps, args.num, args.batch, cache_dir / f"step{step:06d}_{sampler}_{args.sampling_steps}_{args.num}.json", device=args.device)
+                res = grid_search(d, sampler, args.sampling_steps, args.num, args.batch, cache_dir / f"step{step:06d}_{sampler}_{setting(sampler)[3]}_{args.sampling_steps}_{args.num}.json", device=args.device)
                 print(f"step {step} {sampler}: {sorted(res.points)} -> b = {res.best_b:g} ({res.new_evaluations} new points, {time.time() - t0:.0f}s)", flush=True)
     rs = rows(cache_dir, args.total)
     text = table(rs)
