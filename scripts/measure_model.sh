@@ -78,7 +78,7 @@ for stage in $STAGES; do
   ip)
     for g in 0.1 0; do
       [ "$g" = 0 ] && name=control || name=model
-      ep train --run-dir "$RUN-ip$g" --init-from "$RUN/snapshots/checkpoint_step$(printf %06d "$STEPS").pt" \
+      ep train --run-dir "$RUN-ip$g" --init-from "$RUN/checkpoint.pt" \
         --steps "$((STEPS + ${IP_STEPS:-2400}))" --lr 1e-4 --lr-schedule constant --input-perturbation "$g" \
         --snapshot-every 600 --threads "$T" --quiet --export "benchmarks/ip_model/$name"
     done ;;

@@ -60,6 +60,7 @@ def fmnist_demo(out: Path, *, num: int | None = None, batch: int | None = None, 
         DEMO_SETTINGS,
         ES_FILE,
         load_model,
+        shipped_discretisation,
         shipped_lambdas,
         shipped_plan,
     )
@@ -76,8 +77,10 @@ def fmnist_demo(out: Path, *, num: int | None = None, batch: int | None = None, 
     seeds = list(range(seed0, seed0 + num))
     rows, panels = [], []
     t_all = time.time()
-    for label, sampler, grid_kind, steps, _ in DEMO_SETTINGS:
+    for label, sampler, _, steps, _ in DEMO_SETTINGS:
         plan = shipped_plan(sampler, steps, model=model)
+        kind, top = shipped_discretisation(sampler)  # the grid the model's config chose (its measured start)
+        grid_kind = kind if top is None else f"{kind} from sigma {top:g}"
         for lam in dict.fromkeys((1.0, lams[sampler])):  # one row when the tuned lambda is 1
             t0 = time.time()
             images, _ = sample_seeds(plan.replace(lam=lam), seeds, batch_size=batch, progress=not quiet)

@@ -40,7 +40,7 @@ from .._atomic import atomic_write, atomic_write_text
 from ..checks import check_int
 from ..schedules import VPSchedule
 
-__all__ = ["TrainConfig", "TrainingInterrupted", "train", "hybrid_loss", "export_model", "learning_rate", "DEMO_FLAGS"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "train", "hybrid_loss", "optimiser_step", "export_model", "learning_rate", "DEMO_FLAGS"]
 
 # The training recipe's network (the shipped model's successor, in training: README, "The
 # Fashion-MNIST model"): 1 channel at 28x28 (no padding: 28 -> 14 -> 7), ADM blocks.
@@ -216,6 +216,25 @@ def _config_difference(saved: dict, mine: dict) -> list[str]:
     return diff
 
 
+def optimiser_step(
+    net: nn.Module, opt: torch.optim.Optimizer, ema_params: list[torch.Tensor], schedule: VPSchedule, x0: torch.Tensor, t: torch.Tensor,
+    eps: torch.Tensor, xi: torch.Tensor | None, cfg: TrainConfig, step: int, tables: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One step of the recipe at ``step`` (0-based): the learning rate of the step, the hybrid loss,
+    gradients clipped to norm 1, AdamW, then the EMA (its decay warmed up as (1 + step)/(10 + step))."""
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    loss, parts = hybrid_loss(net, schedule, x0, t, eps, gamma=cfg.input_perturbation, xi=xi, tables=tables, sync=False)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, list(net.parameters()), 1 - decay)
+    return loss, parts
+
+
 def _build(cfg: TrainConfig) -> nn.Module:
     from .adm import create_adm_model
 
@@ -345,7 +364,7 @@ def train(
     else:
         def put(x: torch.Tensor) -> torch.Tensor:
             return x.to(device)
-    ema_params, net_params = list(ema.parameters()), list(net.parameters())
+    ema_params = list(ema.parameters())
 
     start = time.time()
     net.train()
@@ -359,19 +378,7 @@ def train(
             eps = put(torch.randn(x0.shape, generator=gen)).contiguous(memory_format=torch.channels_last)
             xi = put(torch.randn(x0.shape, generator=gen)) if cfg.input_perturbation else None
 
-            # Optimiser step.
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            loss, parts = hybrid_loss(net, schedule, x0, t, eps, gamma=cfg.input_perturbation, xi=xi, tables=tables, sync=False)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-
-            # EMA (with the usual warm-up of the decay).
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+            loss, parts = optimiser_step(net, opt, ema_params, schedule, x0, t, eps, xi, cfg, step, tables)
             step += 1
             acc["loss"].append(loss.detach())
             acc["mse"].append(parts["mse"])
