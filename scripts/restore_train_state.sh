@@ -17,5 +17,9 @@ for run in "$@"; do
   find "$saved" -maxdepth 1 -type f ! -name 'checkpoint.pt.part-*' -exec cp {} "$run"/ \;
   [ -d "$saved/snapshots" ] && mkdir -p "$run/snapshots" && cp "$saved"/snapshots/* "$run/snapshots/"
   cat "$saved"/checkpoint.pt.part-* > "$run/checkpoint.pt.tmp" && mv "$run/checkpoint.pt.tmp" "$run/checkpoint.pt"
+  # The EMA weights at the saved step are its snapshot, when there is one: `--export` reads them.
+  step=$(sed -n 's/.*"step": *\([0-9]*\).*/\1/p' "$run/state.json")
+  snap="$run/snapshots/ema_step$(printf %06d "${step:-0}").safetensors"
+  [ -f "$snap" ] && cp "$snap" "$run/ema.safetensors"
   echo "$run: restored from $saved"
 done
