@@ -24,6 +24,16 @@ import torch
 from epsscale.exposure.search import TILT_STEP
 
 
+def short_schedule(text: str) -> str:
+    """A schedule's repr for a table: PerSigma's two long tuples become its λ range."""
+    import re
+
+    if not text.startswith("PerSigma("):
+        return re.sub(r"\d\.\d{5,}", lambda m: f"{float(m.group()):.5g}", text)
+    lams = [float(v) for v in text.partition("lams=(")[2].rstrip(")").split(",") if v.strip()]
+    return f"PerSigma({len(lams)} σ's, λ {min(lams):.3f}–{max(lams):.3f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sampler", default="ddpm")
@@ -152,7 +162,7 @@ def main() -> None:
     print("| method | schedule | FID (held out) | vs grid | network evaluations | vs grid |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['schedule']} | {r['fid']:.4f} | {100 * (r['fid'] / grid_row['fid'] - 1):+.1f}% | {r['nfe']:,} | {r['nfe'] / grid_row['nfe']:.1%} |")
+        print(f"| {r['method']} | {short_schedule(r['schedule'])} | {r['fid']:.4f} | {100 * (r['fid'] / grid_row['fid'] - 1):+.1f}% | {r['nfe']:,} | {r['nfe'] / grid_row['nfe']:.1%} |")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
 

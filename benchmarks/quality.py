@@ -159,12 +159,17 @@ def _change(base: dict | None, es: dict | None) -> str:
     return f"{100 * (es['fid'] / base['fid'] - 1):+.1f}%" if base and es else ""
 
 
+NOTHING_YET = "No cell of the grid has been measured on the shipped model yet; the commands are in the Quality section of benchmarks/RESULTS.md."
+
+
 def summary(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str) -> str:
     """A steps x sampler table of the held-out change at the tuned b, demo grids only (for the README)."""
     from epsscale.samplers import nfe
 
     rows = [r for r in _rows(cache, tuned(tune_dir), num, seed0, ref) if is_demo_grid(r[1], r[2])]
     cells = {(sampler, steps): (best, base, es) for _, sampler, _, steps, best, base, es in rows}
+    if not cells:
+        return NOTHING_YET
     samplers = [s for s in SAMPLERS if any(k[0] == s for k in cells)]
     lines = [
         f"Change in held-out FID ({num} samples against {ref}) at the tuned b (in brackets); λ = 1 is 0%:\n",
@@ -200,6 +205,8 @@ def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png:
     emit = lines.append
     grids = tuned(tune_dir)
     rows = _rows(cache, grids, num, seed0, ref)
+    if not rows and not grids:
+        return NOTHING_YET
     emit(f"Held-out FID, {num} samples (seeds {seed0}..{seed0 + num - 1}) against {ref}; b tuned on other seeds.\n")
     emit("| sampler | steps | NFE | tuned b | FID λ = 1 | FID at b | change |")
     emit("|---|---|---|---|---|---|---|")
@@ -256,7 +263,7 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=5000)
     ap.add_argument("--seed0", type=int, default=0)
     ap.add_argument("--batch", type=int, default=125)
-    ap.add_argument("--karras-sigma-max", type=float, default=None, help="top of the Karras grid for euler and heun (default: the demo's 13); cached apart from the demo's")
+    ap.add_argument("--karras-sigma-max", type=float, default=None, help="top of the Karras grid for euler and heun (default: the shipped config's start); cached apart from it")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ref", default="fashion-mnist-test")
     ap.add_argument("--cache", default=None, help="default benchmarks/quality_cache.json (with --device cuda: quality_cache_cuda.json)")

@@ -8,9 +8,11 @@
 #            starts in its config; the old model's caches and plots leave the working tree
 #   targets  DDPM 20 and 100 steps, seeds 0..$TARGET_NUM-1 -> FID against the test split, pixel
 #            statistics (scripts/pixel_stats.py), the extractor's floor (scripts/fid_floor.py)
-#   measure  epsscale measure, DDPM and DDIM at 20 steps, from data and from the prior
+#   measure  epsscale measure, DDPM, DDIM and Euler at 20 steps, from data and from the prior
 #   lambdas  the demo's lambdas: FID grids on tuning seeds (benchmarks/calibration.py), then
 #            scripts/ship_es.py
+#   calib    benchmarks/calibration.py per sampler at 20 (and 10) steps: grid, norm matching, parabola,
+#            linear search, each scored on held-out seeds (CALIB_STEPS, default "20 10")
 #   esvt     benchmarks/es_vs_training.py over the run's 10/25/50/100% snapshots
 #   quality  benchmarks/quality.py (Q_ARGS; default: 2,000 held-out samples)
 #   ip       the DDPM-IP twin: the finished run fine-tuned for IP_STEPS more steps with
@@ -30,7 +32,7 @@ DEVICE="${DEVICE:-cpu}"
 OUT="${OUT:-out/measure}"
 N="${TARGET_NUM:-5000}"
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-export sweep ship targets measure lambdas esvt quality ip compare}"
+STAGES="${STAGES:-export sweep ship targets measure lambdas calib esvt quality ip compare}"
 mkdir -p "$OUT"
 run() { echo "+ $*"; "$@" || { echo "measure_model: failed ($?): $*"; exit 1; }; }
 ep() { run "$PY" -m epsscale "$@"; }
@@ -58,19 +60,39 @@ for stage in $STAGES; do
       [ -f "$f.fid.json" ] || { ep fid "$f" --ref fashion-mnist-test --threads "$T" --json --quiet > "$f.fid.json.tmp" && mv "$f.fid.json.tmp" "$f.fid.json"; }
       cat "$f.fid.json"
     done
-    run "$PY" scripts/pixel_stats.py --npz "$OUT"/ddpm20_"$N".npz "$OUT"/ddpm100_"$N".npz
+    # The best deterministic setting of the start sweep (Heun, 20 steps, the config's grid): pixel
+    # statistics need fewer samples than FID.
+    f="$OUT/heun20_1000.npz"
+    [ -f "$f" ] || ep sample --sampler heun --steps 20 --seeds 0-999 --batch 250 --threads "$T" --quiet --out "$f"
+    run "$PY" scripts/pixel_stats.py --npz "$OUT"/ddpm20_"$N".npz "$OUT"/ddpm100_"$N".npz "$f"
     run "$PY" scripts/fid_floor.py --sizes 500,2000,5000 --repeats 3 --threads "$T" ;;
   measure)
     for start in data prior; do
       ep measure --sampler ddpm --steps 20 --eps-scale 1.01 --num 256 --batch 256 --threads "$T" --start "$start" --quiet --out "benchmarks/exposure_ddpm20_$start"
       ep measure --sampler ddim --steps 20 --eps-scale 1.01 --num 256 --batch 256 --threads "$T" --start "$start" --quiet --out "benchmarks/exposure_ddim20_$start"
+      ep measure --sampler euler --steps 20 --eps-scale 1.01 --num 256 --batch 256 --threads "$T" --start "$start" --quiet --out "benchmarks/exposure_euler20_$start"
     done ;;
   lambdas)
+    # DDPM's best b sat at the grid's low end (0.985), so its grid reaches down to 0.95.
     for s in ddpm ddim euler; do
-      run "$PY" benchmarks/calibration.py --sampler "$s" --steps 20 --lo 0.98 --hi 1.03 --points 11 --grid-num 500 --norm-kinds "" \
+      [ "$s" = ddpm ] && grid="--lo 0.95 --points 14" || grid="--lo 0.985 --points 7"
+      run "$PY" benchmarks/calibration.py --sampler "$s" --steps 20 $grid --hi 1.015 --grid-num 500 --norm-kinds "" \
         --eval-num 0 --parabola-num 0 --threads "$T" --cache "benchmarks/calibration_${s}_points.json" --out "benchmarks/calibration_$s.json"
     done
     run "$PY" scripts/ship_es.py benchmarks/calibration_ddpm.json benchmarks/calibration_ddim.json benchmarks/calibration_euler.json ;;
+  calib)
+    # Which calibration works, and whether the linear schedule beats uniform: grid, lambda = 1, norm
+    # matching (uniform, per sigma), the parabola and the linear FID search, each scored on 1,000
+    # held-out seeds. The 20-step grids are the lambdas stage's (its caches).
+    for n in ${CALIB_STEPS:-20 10}; do
+      for s in ddpm ddim euler; do
+        [ "$n" != 20 ] && [ "$s" = euler ] && continue
+        [ "$s" = ddpm ] && grid="--lo 0.95 --points 14" || grid="--lo 0.985 --points 7"
+        [ "$n" = 20 ] && cache="benchmarks/calibration_${s}_points.json" || cache="benchmarks/calibration_${s}_${n}_points.json"
+        run "$PY" benchmarks/calibration.py --sampler "$s" --steps "$n" $grid --hi 1.015 --grid-num 500 --cache "$cache" \
+          --norm-num 256 --norm-kinds uniform,per_sigma --eval-num 1000 --batch 125 --threads "$T" --out "benchmarks/calibration_${s}_${n}_full.json"
+      done
+    done ;;
   esvt)
     run "$PY" benchmarks/es_vs_training.py --run-dir "$RUN" --steps-of 1200,3000,6000,12000 --total "$STEPS" --threads "$T" --device "$DEVICE" ;;
   quality)

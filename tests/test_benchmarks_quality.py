@@ -32,8 +32,8 @@ def some_results(quality, tune_dir: Path, ref: str) -> dict:
     write_grid(tune_dir, "heun", 20, [(1.0, 181.6), (1.005, 178.7), (1.01, 178.8)])
     write_grid(tune_dir, "heun", 20, [(1.0, 144.9), (1.005, 143.9), (1.01, 146.8)], grid="karras25")
     return {
-        quality.point_key("ddim", "ddim", 20, 1.0, 5000, 0, ref): {"fid": 200.0},
-        quality.point_key("ddim", "ddim", 20, 1.01, 5000, 0, ref): {"fid": 190.0},
+        quality.point_key("ddim", quality.grid_label("ddim"), 20, 1.0, 5000, 0, ref): {"fid": 200.0},
+        quality.point_key("ddim", quality.grid_label("ddim"), 20, 1.01, 5000, 0, ref): {"fid": 190.0},
         quality.point_key("heun", "karras", 20, 1.0, 5000, 0, ref): {"fid": 180.0},
         quality.point_key("heun", "karras25", 20, 1.0, 5000, 0, ref): {"fid": 150.0},
         quality.point_key("heun", "karras25", 20, 1.005, 5000, 0, ref): {"fid": 147.0},
@@ -41,11 +41,15 @@ def some_results(quality, tune_dir: Path, ref: str) -> dict:
 
 
 def test_grid_labels_keep_the_demo_keys_and_mark_a_moved_karras_top(quality):
-    assert quality.grid_label("euler") == quality.grid_label("euler", 13.0) == "karras"
+    from epsscale.models.pretrained import shipped_discretisation
+
+    top = shipped_discretisation("euler")[1]  # the shipped config's measured start (40)
+    assert top is not None and top != 25.0
+    assert quality.grid_label("euler") == quality.grid_label("euler", top) == "karras"
     assert quality.grid_label("heun", 25.0) == "karras25"
     assert quality.discretisation("heun", 25.0) == ("karras", 25.0)
     # The VP samplers' grids have no Karras top to move.
-    assert quality.grid_label("ddim", 25.0) == "ddim"
+    assert quality.grid_label("ddim", 25.0) == shipped_discretisation("ddim")[0]
     assert quality.discretisation("ddpm", 25.0) == quality.discretisation("ddpm")
 
 
@@ -53,8 +57,8 @@ def test_a_grid_whose_minimum_is_at_an_end_is_unfinished(quality, tmp_path):
     write_grid(tmp_path, "ddim", 100, [(0.99, 184.8), (0.995, 176.0), (1.0, 169.8)])
     write_grid(tmp_path, "ddim", 20, [(0.99, 236.3), (1.0, 218.4), (1.01, 212.9), (1.02, 223.1)])
     grids = quality.tuned(tmp_path)
-    assert grids[("ddim", "ddim", 100)][0] is None
-    assert grids[("ddim", "ddim", 20)][0] == 1.01
+    assert grids[("ddim", quality.grid_label("ddim"), 100)][0] is None
+    assert grids[("ddim", quality.grid_label("ddim"), 20)][0] == 1.01
 
 
 def test_report_rows_and_change(quality, tmp_path):
@@ -118,14 +122,27 @@ def test_committed_readme_and_results_match_the_committed_caches(quality):
     assert between(readme, quality.SUMMARY_BEGIN, quality.SUMMARY_END) == quality.summary(cache, tune_dir, 5000, 0, ref).strip()
     results = between((ROOT / "benchmarks" / "RESULTS.md").read_text(), quality.TABLES_BEGIN, quality.TABLES_END)
     tables = quality.report(cache, tune_dir, 5000, 0, ref, None).strip()
-    assert results == f"{tables}\n\n![quality](quality.png)"
+    assert results == (tables if tables == quality.NOTHING_YET else f"{tables}\n\n![quality](quality.png)")
+
+
+def test_an_empty_grid_reports_that_nothing_was_measured(quality, tmp_path):
+    # A newly shipped model starts with no caches: both documents say so instead of drawing empty tables.
+    assert quality.report({}, tmp_path / "none", 5000, 0, "fashion-mnist-test", tmp_path / "q.png") == quality.NOTHING_YET
+    assert quality.summary({}, tmp_path / "none", 2000, 0, "fashion-mnist-test") == quality.NOTHING_YET
+    assert not (tmp_path / "q.png").exists()
 
 
 def test_committed_cuda_tables_match_the_committed_cuda_caches(quality):
     # The GPU run's tables (`quality.py --report --device cuda --write-results`) against its own caches.
     mark = lambda m: m.replace("--report", "--report --device cuda")  # noqa: E731
-    results = between((ROOT / "benchmarks" / "RESULTS.md").read_text(), mark(quality.TABLES_BEGIN), mark(quality.TABLES_END))
-    cache = quality.load_cache(ROOT / "benchmarks" / "quality_cache_cuda.json")
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    cache_file = ROOT / "benchmarks" / "quality_cache_cuda.json"
+    if not cache_file.exists():
+        # No GPU run on this model yet: then RESULTS.md must not show one either.
+        assert mark(quality.TABLES_BEGIN) not in text
+        return
+    results = between(text, mark(quality.TABLES_BEGIN), mark(quality.TABLES_END))
+    cache = quality.load_cache(cache_file)
     tables = quality.report(cache, ROOT / "benchmarks" / "quality_tune_cuda", 5000, 0, "fashion-mnist-test", None).strip()
     assert "| heun | 50 | 99 |" in tables
     assert results == f"{tables}\n\n![quality](quality_cuda.png)"
@@ -145,4 +162,5 @@ def test_another_devices_report_never_overwrites_the_cpu_tables(quality, tmp_pat
     f.write_text(text + f"{quality.TABLES_BEGIN.replace('--report', '--report --device cuda')}\n{quality.TABLES_END.replace('--report', '--report --device cuda')}\n")
     r = subprocess.run(cmd + ["--device", "cuda", "--write-results", str(f)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert f.read_text().startswith(text) and "Held-out FID" in f.read_text().partition(text)[2]
+    # Empty caches: the device's own block says that nothing was measured; the CPU block is untouched.
+    assert f.read_text().startswith(text) and quality.NOTHING_YET in f.read_text().partition(text)[2]
