@@ -109,3 +109,28 @@ def test_measure_without_lambda_runs_the_baseline_alone(tiny_model, tmp_path, ca
     doc = json.loads((tmp_path / "m" / "exposure.json").read_text())
     assert doc["delta_t"]["es"] is None and len(doc["delta_t"]["baseline"]) == 2
     assert "--eps-scale" in capsys.readouterr().out
+
+
+def test_exposure_table_prints_the_norm_ratio_of_a_measure_run(tmp_path):
+    # scripts/exposure_table.py, which RESULTS.md's exposure tables come from: sampling over
+    # training norm per step, and a one-line error for a folder without exposure.json.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "exposure_table.py"
+    d = {
+        "t": [900, 500, 100],
+        "eps_norm": {"training": [2.0, 4.0, 5.0], "sampling": [2.2, 3.0, 5.0], "sampling_es": [2.0, 4.0, 4.5]},
+        "delta_t": {"baseline": [0.1, 0.2, 0.3], "es": [0.05, 0.2, 0.4]},
+        "meta": {"sampler": "ddim", "steps": 3, "lam": "1.01", "start": "prior"},
+    }
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "exposure.json").write_text(json.dumps(d))
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "--every", "1"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "| ddim 3, λ = 1.01 | prior | 900 | 1.1000 | 1.0000 | 0.1 | 0.05 |" in p.stdout
+    assert "| ddim 3, λ = 1.01 | prior | 500 | 0.7500 | 1.0000 | 0.2 | 0.2 |" in p.stdout
+    assert "0.7500–1.1000" in p.stdout and "Σ 0.6" in p.stdout
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "cannot read" in p.stderr
