@@ -89,7 +89,8 @@ def table(rs: list[dict]) -> str:
         grid = ", ".join(f"{b:g}: {v:.1f}" for b, v in r["points"])
         best = f"{r['best_b']:g}" + ("" if r["bracketed"] else " (edge)")
         gain = "" if r["gain"] is None else f"{100 * r['gain']:+.1f}%"
-        lines.append(f"| step {r['step']} | {100 * r['share']:.0f}% | {r['sampler']} ({r['disc']}) | {r['fid_1']:.2f} | {best} | {r['fid_best']:.2f} | {gain} | {grid} |")
+        fid_1 = "not yet" if r["fid_1"] is None else f"{r['fid_1']:.2f}"  # a grid still running may lack b = 1
+        lines.append(f"| step {r['step']} | {100 * r['share']:.0f}% | {r['sampler']} ({r['disc']}) | {fid_1} | {best} | {r['fid_best']:.2f} | {gain} | {grid} |")
     return "\n".join(lines)
 
 
