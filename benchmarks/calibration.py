@@ -24,16 +24,6 @@ import torch
 from epsscale.exposure.search import TILT_STEP
 
 
-def short_schedule(text: str) -> str:
-    """A schedule's repr for a table: PerSigma's two long tuples become its λ range."""
-    import re
-
-    if not text.startswith("PerSigma("):
-        return re.sub(r"\d\.\d{5,}", lambda m: f"{float(m.group()):.5g}", text)
-    lams = [float(v) for v in text.partition("lams=(")[2].rstrip(")").split(",") if v.strip()]
-    return f"PerSigma({len(lams)} σ's, λ {min(lams):.3f}–{max(lams):.3f})"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sampler", default="ddpm")
@@ -67,7 +57,7 @@ def main() -> None:
     from epsscale.metrics import get_extractor, reference_stats
     from epsscale.models.pretrained import load_model, shipped_discretisation, shipped_plan, shipped_sampler_options
     from epsscale.samplers import nfe
-    from epsscale.scaling import Uniform, load_schedule, save_schedule
+    from epsscale.scaling import Uniform, describe_schedule, load_schedule, save_schedule
 
     disc, sigma_max = shipped_discretisation(args.sampler)
     model = load_model("fmnist")
@@ -154,7 +144,7 @@ def main() -> None:
             if ecache_path:
                 atomic_write_text(ecache_path, json.dumps(ecache, indent=1, sort_keys=True) + "\n")
         fid = ecache[key]
-        rows.append({"method": name, "schedule": repr(sched), "fid": fid, "nfe": cost})
+        rows.append({"method": name, "schedule": repr(sched), "fid": fid, "nfe": cost, "label": describe_schedule(sched)})
         print(f"{name}: FID {fid:.4f}", flush=True)
     report["rows"] = rows
     grid_row = rows[0]
@@ -162,7 +152,7 @@ def main() -> None:
     print("| method | schedule | FID (held out) | vs grid | network evaluations | vs grid |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {short_schedule(r['schedule'])} | {r['fid']:.4f} | {100 * (r['fid'] / grid_row['fid'] - 1):+.1f}% | {r['nfe']:,} | {r['nfe'] / grid_row['nfe']:.1%} |")
+        print(f"| {r['method']} | {r['label']} | {r['fid']:.4f} | {100 * (r['fid'] / grid_row['fid'] - 1):+.1f}% | {r['nfe']:,} | {r['nfe'] / grid_row['nfe']:.1%} |")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
 

@@ -35,6 +35,9 @@ PY="${PYTHON:-python3}"
 STAGES="${STAGES:-export sweep ship targets measure lambdas calib esvt quality ip compare}"
 mkdir -p "$OUT"
 run() { echo "+ $*"; "$@" || { echo "measure_model: failed ($?): $*"; exit 1; }; }
+# The FID grid over b of each sampler: DDPM's best b sat at 0.985, the first grid's low end, so
+# its grid reaches down to 0.95.
+grid_of() { [ "$1" = ddpm ] && echo "--lo 0.95 --points 14 --hi 1.015" || echo "--lo 0.985 --points 7 --hi 1.015"; }
 ep() { run "$PY" -m epsscale "$@"; }
 
 for stage in $STAGES; do
@@ -73,10 +76,8 @@ for stage in $STAGES; do
       ep measure --sampler euler --steps 20 --eps-scale 1.01 --num 256 --batch 256 --threads "$T" --start "$start" --quiet --out "benchmarks/exposure_euler20_$start"
     done ;;
   lambdas)
-    # DDPM's best b sat at the grid's low end (0.985), so its grid reaches down to 0.95.
     for s in ddpm ddim euler; do
-      [ "$s" = ddpm ] && grid="--lo 0.95 --points 14" || grid="--lo 0.985 --points 7"
-      run "$PY" benchmarks/calibration.py --sampler "$s" --steps 20 $grid --hi 1.015 --grid-num 500 --norm-kinds "" \
+      run "$PY" benchmarks/calibration.py --sampler "$s" --steps 20 $(grid_of "$s") --grid-num 500 --norm-kinds "" \
         --eval-num 0 --parabola-num 0 --threads "$T" --cache "benchmarks/calibration_${s}_points.json" --out "benchmarks/calibration_$s.json"
     done
     run "$PY" scripts/ship_es.py benchmarks/calibration_ddpm.json benchmarks/calibration_ddim.json benchmarks/calibration_euler.json ;;
@@ -87,9 +88,8 @@ for stage in $STAGES; do
     for n in ${CALIB_STEPS:-20 10}; do
       for s in ddpm ddim euler; do
         [ "$n" != 20 ] && [ "$s" = euler ] && continue
-        [ "$s" = ddpm ] && grid="--lo 0.95 --points 14" || grid="--lo 0.985 --points 7"
         [ "$n" = 20 ] && cache="benchmarks/calibration_${s}_points.json" || cache="benchmarks/calibration_${s}_${n}_points.json"
-        run "$PY" benchmarks/calibration.py --sampler "$s" --steps "$n" $grid --hi 1.015 --grid-num 500 --cache "$cache" \
+        run "$PY" benchmarks/calibration.py --sampler "$s" --steps "$n" $(grid_of "$s") --grid-num 500 --cache "$cache" \
           --norm-num 256 --norm-kinds uniform,per_sigma --eval-num 1000 --batch 125 --threads "$T" --out "benchmarks/calibration_${s}_${n}_full.json"
       done
     done ;;

@@ -60,6 +60,7 @@ __all__ = [
     "resolve_schedule",
     "parse_schedule_spec",
     "is_schedule_spec",
+    "describe_schedule",
 ]
 
 SCHEDULE_FORMAT = "epsscale.schedule/1"
@@ -319,6 +320,25 @@ def eps_scaling(denoiser: Denoiser, lam: ScheduleLike, *, sigmas: torch.Tensor |
 # ---------------------------------------------------------------------------------------------
 # JSON round-trip
 # ---------------------------------------------------------------------------------------------
+
+
+def describe_schedule(lam: Any) -> str:
+    """λ for a summary line or a table: 5 significant digits, a table as its range."""
+    if isinstance(lam, Calibrated):
+        lam = lam.schedule
+    if isinstance(lam, Uniform):
+        return f"{lam.b:.5g}"
+    if isinstance(lam, Linear):
+        return f"linear (k = {lam.k:.5g}, b = {lam.b:.5g})"
+    if isinstance(lam, PerSigma):
+        lo, hi = min(lam.lams), max(lam.lams)
+        return f"per-sigma table ({len(lam.lams)} knots, lambda {lo:.5g} to {hi:.5g})"
+    if isinstance(lam, TSR):
+        return f"TSR (k = {lam.k:.5g}, sigma = {lam.sigma:.5g})"
+    try:
+        return f"{float(lam):.5g}"
+    except (TypeError, ValueError):
+        return str(lam)
 
 
 def schedule_to_dict(schedule: Union[Uniform, Linear, PerSigma, TSR, Calibrated], meta: dict | None = None) -> dict:

@@ -199,24 +199,10 @@ def auto_batch(n: int, largest: int = MAX_BATCH) -> int:
 
 
 def format_lam(lam: Any) -> str:
-    """λ for a summary line: 5 significant digits, a table as its range."""
-    from ..scaling import TSR, Calibrated, Linear, PerSigma, Uniform
+    """λ for a summary line (:func:`epsscale.scaling.describe_schedule`)."""
+    from ..scaling import describe_schedule
 
-    if isinstance(lam, Calibrated):
-        lam = lam.schedule
-    if isinstance(lam, Uniform):
-        return f"{lam.b:.5g}"
-    if isinstance(lam, Linear):
-        return f"linear (k = {lam.k:.5g}, b = {lam.b:.5g})"
-    if isinstance(lam, PerSigma):
-        lo, hi = min(lam.lams), max(lam.lams)
-        return f"per-sigma table ({len(lam.lams)} knots, lambda {lo:.5g} to {hi:.5g})"
-    if isinstance(lam, TSR):
-        return f"TSR (k = {lam.k:.5g}, sigma = {lam.sigma:.5g})"
-    try:
-        return f"{float(lam):.5g}"
-    except (TypeError, ValueError):
-        return str(lam)
+    return describe_schedule(lam)
 
 
 # ---------------------------------------------------------------------------------------------
