@@ -54,6 +54,22 @@ def knobs_of(method: str, tuned: dict[str, float | None]) -> dict[str, float | N
     if model_of(method) != "main":
         return {"ES": tuned.get(method)} if method.endswith(" + ES") else {}
     return {k: tuned.get(k) for k in ("ES", "Time-Shift", "TSR", "DCW") if k in method.split(" + ")}
+# The value at which each knob leaves the sampler as it is. A knob at its neutral value is dropped
+# from the plan and from the cache key, so every grid's neutral point and every method that tunes
+# to it share the baseline's sample (and its FID) instead of sampling the same thing again.
+NEUTRAL = {"ES": 1.0, "Time-Shift": 0, "TSR": 1.0, "DCW": 0.0}
+
+
+def active(knobs: dict[str, float]) -> dict[str, float]:
+    """``knobs`` without those at their neutral value."""
+    return {k: v for k, v in knobs.items() if v != NEUTRAL[k]}
+
+
+def cache_key(model: str, sampler: str, steps: int, knobs: dict[str, float]) -> str:
+    """The cache key of one (model, sampler, steps, knobs) plan, neutral knobs dropped."""
+    return f"{model}|{sampler}|{steps}|" + ",".join(f"{k}={v}" for k, v in sorted(active(knobs).items()))
+
+
 BEGIN, END = "<!-- compare.py --report: begin -->", "<!-- compare.py --report: end -->"
 
 
@@ -74,7 +90,7 @@ def knob_grid(method: str, steps: int, points: int) -> list[float]:
     raise ValueError(method)
 
 
-def plan_for(base, method: str, knobs: dict[str, float]):
+def plan_for(base, knobs: dict[str, float]):
     """The plan of one method: ``knobs`` holds b, w, k or c by method name."""
     from epsscale.dcw import DCW
     from epsscale.scaling import TSR
@@ -94,6 +110,9 @@ def plan_for(base, method: str, knobs: dict[str, float]):
 
 
 class Evaluator:
+    """FID of a plan's samples, cached by key in a JSON file that several processes may share (say one
+    per sampler, each with one thread): every write merges into what is on disk under a lock."""
+
     def __init__(self, cache_path: Path, batch: int) -> None:
         from epsscale.metrics import get_extractor, reference_stats
 
@@ -104,7 +123,6 @@ class Evaluator:
         self.refs = {r: reference_stats(self.ext, r) for r in ("fashion-mnist-train", "fashion-mnist-test")}
 
     def __call__(self, key: str, plan, num: int, seed0: int, ref: str) -> dict:
-        from epsscale._atomic import atomic_write_text
         from epsscale.metrics import compute_fid, feature_stats
         from epsscale.sampling import sample_seeds
 
@@ -114,9 +132,20 @@ class Evaluator:
             images, _ = sample_seeds(plan, range(seed0, seed0 + num), batch_size=self.batch)
             seconds = time.perf_counter() - t0
             self.cache[key] = {"fid": compute_fid(feature_stats(images, self.ext), self.refs[ref]), "seconds": round(seconds, 2), "per_image": seconds / num}
-            atomic_write_text(self.path, json.dumps(self.cache, indent=1, sort_keys=True) + "\n")
+            self.save(key)
             print(f"{key}: FID {self.cache[key]['fid']:.3f} ({seconds:.0f}s)", flush=True)
         return self.cache[key]
+
+    def save(self, key: str) -> None:
+        import fcntl
+
+        from epsscale._atomic import atomic_write_text
+
+        with open(f"{self.path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text()) if self.path.exists() else {}
+            self.cache = {**on_disk, **self.cache, key: self.cache[key]}
+            atomic_write_text(self.path, json.dumps(self.cache, indent=1, sort_keys=True) + "\n")
 
 
 def model_ids(args: argparse.Namespace) -> dict[str, str]:
@@ -148,7 +177,7 @@ def run_cell(ev: Evaluator, models: dict, sampler: str, steps: int, args: argpar
         knob = "ES" if method.endswith(" + ES") else method
         scores = {}
         for v in knob_grid(method, steps, args.tune_points):
-            res = ev(f"{model}|{sampler}|{steps}|{knob}={v}", plan_for(bases[model], knob, {knob: v}), args.tune_num, TUNING_SEED0, "fashion-mnist-train")
+            res = ev(cache_key(model, sampler, steps, {knob: v}), plan_for(bases[model], active({knob: v})), args.tune_num, TUNING_SEED0, "fashion-mnist-train")
             scores[v] = res["fid"]
         tuned[method] = min(scores, key=scores.get)
     for method in METHODS:
@@ -156,7 +185,7 @@ def run_cell(ev: Evaluator, models: dict, sampler: str, steps: int, args: argpar
         if model not in bases:
             continue
         knobs = knobs_of(method, tuned)
-        ev(f"{model}|{sampler}|{steps}|" + ",".join(f"{k}={v}" for k, v in sorted(knobs.items())), plan_for(bases[model], method, knobs), args.num, 0, "fashion-mnist-test")
+        ev(cache_key(model, sampler, steps, knobs), plan_for(bases[model], active(knobs)), args.num, 0, "fashion-mnist-test")
 
 
 def rows(cache: dict, sampler: str, steps: int, args: argparse.Namespace) -> list[tuple]:
@@ -166,7 +195,7 @@ def rows(cache: dict, sampler: str, steps: int, args: argparse.Namespace) -> lis
     def tuned(model: str, knob: str, method: str) -> float | None:
         grid = {}
         for v in knob_grid(method, steps, args.tune_points):
-            hit = cache.get(f"{model}|{sampler}|{steps}|{knob}={v}|{args.tune_num}|1000000|fashion-mnist-train")
+            hit = cache.get(cache_key(model, sampler, steps, {knob: v}) + f"|{args.tune_num}|1000000|fashion-mnist-train")
             if hit is None:
                 return None
             grid[v] = hit["fid"]
@@ -180,7 +209,7 @@ def rows(cache: dict, sampler: str, steps: int, args: argparse.Namespace) -> lis
         knobs = knobs_of(method, best)
         if any(v is None for v in knobs.values()):
             continue
-        hit = cache.get(f"{model}|{sampler}|{steps}|" + ",".join(f"{k}={v}" for k, v in sorted(knobs.items())) + f"|{args.num}|0|fashion-mnist-test")
+        hit = cache.get(cache_key(model, sampler, steps, knobs) + f"|{args.num}|0|fashion-mnist-test")
         if hit is None:
             continue
         if method == "baseline":

@@ -3,6 +3,7 @@ read back from the cache (no sampling here)."""
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -51,19 +52,41 @@ def test_the_table_reads_each_model_at_its_own_tuned_b(compare, tmp_path):
 
     def put(model, knobs, fid, tuning=False):
         tail = "|10|1000000|fashion-mnist-train" if tuning else "|20|0|fashion-mnist-test"
-        cache[f"{ids[model]}|ddpm|20|{knobs}{tail}"] = {"fid": fid, "per_image": 0.01}
+        cache[compare.cache_key(ids[model], "ddpm", 20, knobs) + tail] = {"fid": fid, "per_image": 0.01}
 
     for model, fids in (("main", (30.0, 20.0, 25.0)), ("ip", (17.0, 18.0, 19.0)), ("control", (22.0, 23.0, 21.0))):
         for b, fid in zip(compare.knob_grid("ES", 20, 3), fids):
-            put(model, f"ES={b}", fid, tuning=True)
-    put("main", "", 40.0)
-    put("main", "ES=1.0", 39.0)
-    put("ip", "", 30.0)
-    put("ip", "ES=0.995", 28.0)
-    put("control", "", 36.0)
-    put("control", "ES=1.005", 35.0)
+            put(model, {"ES": b}, fid, tuning=True)
+    put("main", {}, 40.0)
+    put("ip", {}, 30.0)
+    put("ip", {"ES": 0.995}, 28.0)
+    put("control", {}, 36.0)
+    put("control", {"ES": 1.005}, 35.0)
     rows = {r[0]: r for r in compare.rows(cache, "ddpm", 20, args)}
     assert set(rows) == {"baseline", "ES", "IP", "IP + ES", "control", "control + ES"}
     assert rows["ES"][1] == "b = 1" and rows["IP + ES"][1] == "b = 0.995" and rows["control + ES"][1] == "b = 1.005"
+    # ES tuned to the neutral b = 1 is the baseline's plan: its row reads the baseline's sample.
+    assert rows["ES"][2] == rows["baseline"][2] == 40.0 and rows["ES"][3] == "+0.0%"
     assert rows["IP"][3] == "-25.0%" and rows["control"][3] == "-10.0%"
     assert "| control + ES | b = 1.005 | 35.00 | -12.5% |" in compare.report(cache, args)
+
+
+def test_a_knob_at_its_neutral_value_shares_the_baseline_key(compare):
+    base = compare.cache_key("main-x", "ddim", 20, {})
+    for knob, value in compare.NEUTRAL.items():
+        assert compare.cache_key("main-x", "ddim", 20, {knob: value}) == base
+        assert value in compare.knob_grid(knob, 20, 5)
+    assert compare.cache_key("main-x", "ddim", 20, {"ES": 1.0, "DCW": 0.02}) == base + "DCW=0.02"
+    assert compare.cache_key("main-x", "ddim", 20, {"ES": 1.005}) != base
+
+
+def test_two_processes_sharing_a_cache_keep_each_others_points(compare, tmp_path):
+    path = tmp_path / "cache.json"
+    a, b = (object.__new__(compare.Evaluator) for _ in range(2))
+    for ev in (a, b):  # both start from the same (empty) file, as two processes would
+        ev.path, ev.cache = path, {}
+    a.cache["ddim|x"] = {"fid": 1.0}
+    a.save("ddim|x")
+    b.cache["ddpm|y"] = {"fid": 2.0}
+    b.save("ddpm|y")
+    assert json.loads(path.read_text()) == {"ddim|x": {"fid": 1.0}, "ddpm|y": {"fid": 2.0}}
