@@ -1,9 +1,12 @@
-"""Speed: ES on/off, sampler overhead, and a diffusers DDIM loop, side by side in one run.
+"""Speed: ES on/off, sampler overhead, a diffusers DDIM loop, and the other fixes' cost, side by side in one run.
 
 docs/design.md, "Performance targets": wall(ES) / wall(no ES) <= 1.01; total sampling time / (NFE x bare forward)
 <= 1.05 at batch 256 on the demo model; no slower than diffusers' loop on the same UNet.
 
 Runs are interleaved (A, B, A, B, ...) and medians are reported, because this machine is noisy.
+The last table times each fix for exposure bias against the plain sampler (``--fix-samplers``):
+ES, TSR, Time-Shift (the paper's window) and DCW add no network evaluation; this is what they
+cost beyond it.
 
     python benchmarks/speed.py --threads 2 --batch 256 --steps 10 --repeats 3
     python benchmarks/speed.py --device cuda --batch 256 --steps 10 --repeats 5   # on a GPU
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samplers", default="ddpm,ddim,euler,heun,dpmpp_2m")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--fix-samplers", default="ddim,ddpm", help="samplers of the fixes' table ('' skips it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -65,13 +69,13 @@ def main() -> None:
             fwd.append(time.perf_counter() - t0)
     f = statistics.median(fwd)
 
-    def run(name: str, d) -> float:
+    def run(name: str, d, **opts) -> float:
         gen = StackedGenerator(seeds, device=dev)
         x = prior(gen.randn(shape), sigmas[0], kind="vp")
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            SAMPLERS[name](d, x, sigmas, noise=gen)
+            SAMPLERS[name](d, x, sigmas, noise=gen, **opts)
         sync()
         return time.perf_counter() - t0
 
@@ -108,6 +112,22 @@ def main() -> None:
         ours.append(run("ddim", den))
         theirs.append(run_diffusers_ddim())
 
+    from epsscale import DCW, TSR
+    from epsscale.timeshift import TimeShift
+
+    fixes = {"ES (b = 1.01)": (es, {}), "TSR (k = 0.95)": (eps_scaling(den, TSR()), {}),
+             "Time-Shift (paper's w)": (den, {"time_shift": TimeShift.for_steps(model.schedule, args.steps)}),
+             "DCW (c = 0.005)": (den, {"dcw": DCW(0.005)})}
+    fix_rows = []
+    for name in filter(None, args.fix_samplers.split(",")):
+        times = {"plain": [], **{k: [] for k in fixes}}
+        for _ in range(args.repeats):
+            times["plain"].append(run(name, den))
+            for k, (d, opts) in fixes.items():
+                times[k].append(run(name, d, **opts))
+        plain = statistics.median(times["plain"])
+        fix_rows += [(name, k, statistics.median(v), statistics.median(v) / plain) for k, v in times.items()]
+
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"torch {torch.__version__}")
     print(f"model: shipped fmnist ADM UNet ({sum(p.numel() for p in net.parameters()):,} params), batch {args.batch}, {args.steps} steps, {device_name}, medians of {args.repeats}")
@@ -118,6 +138,10 @@ def main() -> None:
         print(f"| {name} | {n} | {b:.2f} | {s:.2f} | {r:.3f} | {o:.3f} |")
     o, t = statistics.median(ours), statistics.median(theirs)
     print(f"\n| loop | seconds | ratio |\n|---|---|---|\n| epsscale ddim | {o:.2f} | {o / t:.3f} |\n| diffusers DDIMScheduler loop | {t:.2f} | 1.000 |")
+    if fix_rows:
+        print("\n| sampler | fix | seconds | vs plain |\n|---|---|---|---|")
+        for name, k, sec, r in fix_rows:
+            print(f"| {name} | {k} | {sec:.2f} | {r:.3f} |")
 
 
 if __name__ == "__main__":
