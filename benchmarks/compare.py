@@ -9,8 +9,9 @@ Methods, each on the shipped model's plan for the sampler (its grid and x0 clipp
 * ``ES``: uniform λ = b (Ning et al. 2024);
 * ``Time-Shift``: the network's timestep from the state's variance (Li et al. 2024), knob: the
   window w (the cutoff stays the paper's);
-* ``TSR``: ε·r(σ) (arXiv 2510.01184), knob: k (σ_p = 1);
-* ``DCW``: the low-frequency Haar band corrected after each step (arXiv 2604.16044), knob: c;
+* ``TSR``: ε·r(σ) (arXiv 2510.01184), knob: k (σ_p = 1), both sides of 1;
+* ``DCW``: the low-frequency Haar band corrected after each step (arXiv 2604.16044), knob: c
+  (log-spaced: see :func:`knob_grid`);
 * ``ES + Time-Shift``, ``ES + DCW``: each method at its own tuned knob, stacked as they are;
 * ``IP``, ``IP + ES``: the DDPM-IP model (input perturbation in training; ``--ip-model``) at
   λ = 1 and at its own tuned b;
@@ -74,19 +75,26 @@ BEGIN, END = "<!-- compare.py --report: begin -->", "<!-- compare.py --report: e
 
 
 def knob_grid(method: str, steps: int, points: int) -> list[float]:
-    """The values a method's knob is tuned over (``points`` of them; each grid holds the neutral
-    value: b = 1, w = 0, k = 1, c = 0)."""
+    """The values a method's knob is tuned over: the first ``points`` of a list that starts at the
+    neutral value (b = 1, w = 0, k = 1, c = 0) and moves outwards.
+
+    ES's b and TSR's k go both ways, since a model may want eps shrunk or enlarged (the shipped model
+    wants b < 1 for DDPM). DCW's c is >= 0 by definition and log-spaced: on the respaced cosine
+    chain sigma_max is about 2e4, so its weight c sigma_i / sigma_max is c at the first step and at
+    most c / 1,700 (10 steps) to c / 630 (50 steps) after it, and the paper's c = 0.005 barely
+    moves a sample.
+    """
     from epsscale.timeshift import paper_defaults
 
     if method == "ES" or method.endswith(" + ES") and model_of(method) != "main":
-        return [round(1.0 + 0.005 * i, 4) for i in range(-1, points - 1)]  # 0.995, 1, 1.005, ...
+        return [1.0, 0.99, 1.01, 0.98, 1.02, 0.97, 1.03][:points]
     if method == "Time-Shift":
         w = paper_defaults(steps)[0]
         return [0] + [max(1, round(w * f)) for f in (0.5, 1, 2, 3, 4, 6)][: points - 1]
     if method == "TSR":
-        return [1.0, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9][:points]
+        return [1.0, 0.97, 1.03, 0.95, 1.05, 0.9, 1.1][:points]
     if method == "DCW":
-        return [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2][:points]
+        return [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0][:points]
     raise ValueError(method)
 
 

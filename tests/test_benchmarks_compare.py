@@ -57,18 +57,21 @@ def test_the_table_reads_each_model_at_its_own_tuned_b(compare, tmp_path):
     for model, fids in (("main", (30.0, 20.0, 25.0)), ("ip", (17.0, 18.0, 19.0)), ("control", (22.0, 23.0, 21.0))):
         for b, fid in zip(compare.knob_grid("ES", 20, 3), fids):
             put(model, {"ES": b}, fid, tuning=True)
+    b1, b2, b3 = compare.knob_grid("ES", 20, 3)
+    assert b1 == 1.0 and b2 < 1 < b3
     put("main", {}, 40.0)
+    put("main", {"ES": b2}, 39.0)
     put("ip", {}, 30.0)
-    put("ip", {"ES": 0.995}, 28.0)
     put("control", {}, 36.0)
-    put("control", {"ES": 1.005}, 35.0)
+    put("control", {"ES": b3}, 35.0)
     rows = {r[0]: r for r in compare.rows(cache, "ddpm", 20, args)}
     assert set(rows) == {"baseline", "ES", "IP", "IP + ES", "control", "control + ES"}
-    assert rows["ES"][1] == "b = 1" and rows["IP + ES"][1] == "b = 0.995" and rows["control + ES"][1] == "b = 1.005"
-    # ES tuned to the neutral b = 1 is the baseline's plan: its row reads the baseline's sample.
-    assert rows["ES"][2] == rows["baseline"][2] == 40.0 and rows["ES"][3] == "+0.0%"
+    assert rows["ES"][1] == f"b = {b2:g}" and rows["IP + ES"][1] == "b = 1" and rows["control + ES"][1] == f"b = {b3:g}"
+    assert rows["ES"][2] == 39.0
+    # IP + ES tuned to the neutral b = 1 is IP's plan: its row reads IP's sample.
+    assert rows["IP + ES"][2] == rows["IP"][2] == 30.0 and rows["IP + ES"][3] == "-25.0%"
     assert rows["IP"][3] == "-25.0%" and rows["control"][3] == "-10.0%"
-    assert "| control + ES | b = 1.005 | 35.00 | -12.5% |" in compare.report(cache, args)
+    assert f"| control + ES | b = {b3:g} | 35.00 | -12.5% |" in compare.report(cache, args)
 
 
 def test_a_knob_at_its_neutral_value_shares_the_baseline_key(compare):
