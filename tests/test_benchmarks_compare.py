@@ -93,3 +93,25 @@ def test_two_processes_sharing_a_cache_keep_each_others_points(compare, tmp_path
     b.cache["ddpm|y"] = {"fid": 2.0}
     b.save("ddpm|y")
     assert json.loads(path.read_text()) == {"ddim|x": {"fid": 1.0}, "ddpm|y": {"fid": 2.0}}
+
+
+def test_the_committed_ip_twins_are_fine_tunes_of_the_shipped_model_that_differ_only_in_gamma(compare):
+    from safetensors.torch import load_file
+
+    from epsscale.models.pretrained import SHIPPED
+
+    twins = {name: json.loads((ROOT / "benchmarks" / "ip_model" / f"{name}.json").read_text()) for name in ("model", "control")}
+    shipped = json.loads(Path(SHIPPED["fmnist"]).with_suffix(".json").read_text())
+    for name, gamma in (("model", 0.1), ("control", 0.0)):
+        cfg = twins[name]
+        assert cfg["flags"] == shipped["flags"] and cfg["schedule"] == shipped["schedule"]
+        assert cfg["training"]["input_perturbation"] == gamma
+        assert cfg["training"]["steps_done"] == 14400 and cfg["training"]["lr"] == 1e-4
+    weights = {n: load_file(str(ROOT / "benchmarks" / "ip_model" / f"{n}.safetensors")) for n in ("model", "control")}
+    weights["shipped"] = load_file(str(Path(SHIPPED["fmnist"]).with_suffix(".safetensors")))
+    assert weights["model"].keys() == weights["control"].keys() == weights["shipped"].keys()
+    for a, b in (("model", "control"), ("model", "shipped"), ("control", "shipped")):
+        assert any(not weights[a][k].equal(weights[b][k]) for k in weights[a]), (a, b)
+    args = argparse.Namespace(model="fmnist", ip_model=str(ROOT / "benchmarks" / "ip_model" / "model"),
+                              control_model=str(ROOT / "benchmarks" / "ip_model" / "control"))
+    assert len(set(compare.model_ids(args).values())) == 3
