@@ -1,10 +1,29 @@
-"""What the benchmarks share: an FID grid that grows past an end holding its minimum, and
-writing a report between markers in benchmarks/RESULTS.md."""
+"""What the benchmarks share: an FID grid that grows past an end holding its minimum, a JSON
+cache that several processes can add to, and writing a report between markers in
+benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
+
+
+def add_to_json_cache(path: Path, key: str, value: Any) -> dict:
+    """Add ``key: value`` to the JSON object in ``path`` and return the whole object. The file is
+    read and rewritten (atomically) under an exclusive lock on ``path.lock``, so processes that
+    share the cache (one per sampler, say) keep each other's entries."""
+    import fcntl
+    import json
+
+    from epsscale._atomic import atomic_write_text
+
+    path = Path(path)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        cache[key] = value
+        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    return cache
 
 
 def grid_to_interior_minimum(evaluate: Callable[[float], float], lo: float, hi: float, points: int, cache: Path, key: dict, max_extend: int = 8) -> tuple[Any, int]:

@@ -38,6 +38,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # benchmarks/_common.py, also when loaded by path
+from _common import add_to_json_cache, write_between_markers  # noqa: E402
+
 METHODS = ("baseline", "ES", "Time-Shift", "TSR", "DCW", "ES + Time-Shift", "ES + DCW", "IP", "IP + ES", "control", "control + ES")
 # Methods with a knob of their own, tuned on the tuning seeds; "IP + ES" and "control + ES" tune b
 # on their own model.
@@ -140,21 +143,9 @@ class Evaluator:
             images, _ = sample_seeds(plan, range(seed0, seed0 + num), batch_size=self.batch)
             seconds = time.perf_counter() - t0
             self.cache[key] = {"fid": compute_fid(feature_stats(images, self.ext), self.refs[ref]), "seconds": round(seconds, 2), "per_image": seconds / num}
-            self.save(key)
+            self.cache = add_to_json_cache(self.path, key, self.cache[key])
             print(f"{key}: FID {self.cache[key]['fid']:.3f} ({seconds:.0f}s)", flush=True)
         return self.cache[key]
-
-    def save(self, key: str) -> None:
-        import fcntl
-
-        from epsscale._atomic import atomic_write_text
-
-        with open(f"{self.path}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            on_disk = json.loads(self.path.read_text()) if self.path.exists() else {}
-            self.cache = {**on_disk, **self.cache, key: self.cache[key]}
-            atomic_write_text(self.path, json.dumps(self.cache, indent=1, sort_keys=True) + "\n")
-
 
 def model_ids(args: argparse.Namespace) -> dict[str, str]:
     """Cache names of the models: main/ip/control plus a digest of their weights (a new model, new keys)."""
@@ -305,8 +296,6 @@ def main() -> int:
     if text:
         plot(cache, args, HERE / "compare.png")
     if args.write_results and text:
-        from _common import write_between_markers
-
         write_between_markers(HERE / "RESULTS.md", BEGIN, END, text)
     return 0
 

@@ -15,7 +15,9 @@ Protocol, per (sampler, steps):
     python benchmarks/quality.py --report --write-readme    # ... and the steps x sampler summary into README.md
     python benchmarks/quality.py --samplers euler,heun --karras-sigma-max 25   # another Karras start, cached apart
 
-FID uses the project's Fashion-MNIST classifier features.
+FID uses the project's Fashion-MNIST classifier features. Processes with different ``--samplers``
+may run side by side (one thread each uses two cores better than one process with two): the cache
+is shared under a lock, and each (sampler, steps) has its own tuning file and work directory.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
-from _common import grid_to_interior_minimum, write_between_markers  # noqa: E402
+from _common import add_to_json_cache, grid_to_interior_minimum, write_between_markers  # noqa: E402
 
-from epsscale._atomic import atomic_write_text
 from epsscale.models.pretrained import shipped_discretisation as demo_discretisation, shipped_sampler_options as demo_sampler_options
 from epsscale.samplers import SAMPLERS
 
@@ -60,10 +61,6 @@ def point_key(sampler: str, grid: str, steps: int, lam: float, num: int, seed0: 
 
 def load_cache(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_cache(path: Path, cache: dict) -> None:
-    atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
 
 
 def evaluator(model, sampler: str, steps: int, num: int, seed0: int, batch: int, ref: str, work_root: Path | None = None, device: str = "cpu", karras_sigma_max: float | None = None):
@@ -311,9 +308,7 @@ def main() -> None:
                 if key in load_cache(cache_path):
                     continue
                 out = evaluate(model, sampler, steps, lam, args.num, args.seed0, args.batch, args.ref, work_root, args.device, sm)
-                cache = load_cache(cache_path)
-                cache[key] = out
-                save_cache(cache_path, cache)
+                add_to_json_cache(cache_path, key, out)
                 print(f"{key}: FID {out['fid']:.4f} ({out['seconds']}s)", flush=True)
 
 

@@ -14,12 +14,13 @@
 #   calib    benchmarks/calibration.py per sampler at 20 (and 10) steps: grid, norm matching, parabola,
 #            linear search, each scored on held-out seeds (CALIB_STEPS, default "20 10")
 #   esvt     benchmarks/es_vs_training.py over the run's 10/25/50/100% snapshots
-#   quality  benchmarks/quality.py (Q_ARGS; default: 2,000 held-out samples)
+#   quality  benchmarks/quality.py (Q_ARGS; default: 2,000 held-out samples), one process per
+#            group of Q_SAMPLERS ("ddpm,ddim,euler heun") with Q_THREADS (1) threads each
 #   ip       the DDPM-IP twin: the finished run fine-tuned for IP_STEPS more steps with
 #            --input-perturbation 0.1 (constant lr 1e-4), and its control, the same fine-tune with
 #            gamma = 0, exported to benchmarks/ip_model/{model,control}; the two run side by side
 #            with IP_THREADS (1) threads each
-#   compare  benchmarks/compare.py (C_ARGS), one process per sampler (C_SAMPLERS: ddim ddpm) with
+#   compare  benchmarks/compare.py (C_ARGS), one process per group of C_SAMPLERS ("ddim ddpm") with
 #            C_THREADS (1) threads each, then its tables into RESULTS.md
 # Settings: RUN (runs/fmnist28), STEPS (12000), THREADS (2), DEVICE (cpu), OUT (out/measure),
 # STAGES (all of the above), TARGET_NUM (5000), IP_STEPS (2400, 20% of the run).
@@ -41,6 +42,14 @@ run() { echo "+ $*"; "$@" || { echo "measure_model: failed ($?): $*"; exit 1; };
 # its grid reaches down to 0.95.
 grid_of() { [ "$1" = ddpm ] && echo "--lo 0.95 --points 14 --hi 1.015" || echo "--lo 0.985 --points 7 --hi 1.015"; }
 ep() { run "$PY" -m epsscale "$@"; }
+# side_by_side "GROUPS" THREADS CMD...: CMD --samplers G --threads THREADS for every group G, all at
+# once (on two cores, two one-thread processes beat one two-thread process); fails if any fails.
+side_by_side() {
+  local groups="$1" threads="$2" g p pids=()
+  shift 2
+  for g in $groups; do run "$@" --samplers "$g" --threads "$threads" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p" || { echo "measure_model: failed: $*"; exit 1; }; done
+}
 
 for stage in $STAGES; do
   echo "== $stage ($(date +%H:%M:%S))"
@@ -98,10 +107,10 @@ for stage in $STAGES; do
   esvt)
     run "$PY" benchmarks/es_vs_training.py --run-dir "$RUN" --steps-of 1200,3000,6000,12000 --total "$STEPS" --threads "$T" --device "$DEVICE" ;;
   quality)
-    run "$PY" benchmarks/quality.py --steps 10,20,50,100 --threads "$T" --device "$DEVICE" ${Q_ARGS:---num 2000} ;;
+    side_by_side "${Q_SAMPLERS:-ddpm,ddim,euler heun}" "${Q_THREADS:-1}" "$PY" benchmarks/quality.py --steps 10,20,50,100 --device "$DEVICE" ${Q_ARGS:---num 2000} ;;
   ip)
     # The two fine-tunes run side by side, one thread each (IP_THREADS): on two cores that beats
-    # one after the other at two threads (about 0.9 s a step each, 36 min for 2,400 steps).
+    # one after the other at two threads (about 1.1 s a step each: 45 min for 2,400 steps).
     pids=()
     for g in 0.1 0; do
       [ "$g" = 0 ] && name=control || name=model
@@ -112,13 +121,7 @@ for stage in $STAGES; do
     done
     for p in "${pids[@]}"; do wait "$p" || { echo "measure_model: an IP fine-tune failed"; exit 1; }; done ;;
   compare)
-    # One process per sampler, one thread each (C_THREADS), sharing the cache; then the tables.
-    pids=()
-    for s in ${C_SAMPLERS:-ddim ddpm}; do
-      run "$PY" benchmarks/compare.py --samplers "$s" --threads "${C_THREADS:-1}" ${C_ARGS:-} &
-      pids+=($!)
-    done
-    for p in "${pids[@]}"; do wait "$p" || { echo "measure_model: a compare run failed"; exit 1; }; done
+    side_by_side "${C_SAMPLERS:-ddim ddpm}" "${C_THREADS:-1}" "$PY" benchmarks/compare.py ${C_ARGS:-}
     run "$PY" benchmarks/compare.py --report --write-results ${C_ARGS:-} ;;
   *) echo "measure_model: unknown stage $stage"; exit 2 ;;
   esac

@@ -84,15 +84,13 @@ def test_a_knob_at_its_neutral_value_shares_the_baseline_key(compare):
 
 
 def test_two_processes_sharing_a_cache_keep_each_others_points(compare, tmp_path):
+    from _common import add_to_json_cache  # the cache of compare.py and quality.py
+
     path = tmp_path / "cache.json"
-    a, b = (object.__new__(compare.Evaluator) for _ in range(2))
-    for ev in (a, b):  # both start from the same (empty) file, as two processes would
-        ev.path, ev.cache = path, {}
-    a.cache["ddim|x"] = {"fid": 1.0}
-    a.save("ddim|x")
-    b.cache["ddpm|y"] = {"fid": 2.0}
-    b.save("ddpm|y")
-    assert json.loads(path.read_text()) == {"ddim|x": {"fid": 1.0}, "ddpm|y": {"fid": 2.0}}
+    seen_by_a = add_to_json_cache(path, "ddim|x", {"fid": 1.0})  # process a, then process b: b never read a's entry
+    seen_by_b = add_to_json_cache(path, "ddpm|y", {"fid": 2.0})
+    assert seen_by_a == {"ddim|x": {"fid": 1.0}}
+    assert json.loads(path.read_text()) == seen_by_b == {"ddim|x": {"fid": 1.0}, "ddpm|y": {"fid": 2.0}}
 
 
 def test_the_committed_ip_twins_are_fine_tunes_of_the_shipped_model_that_differ_only_in_gamma(compare):
