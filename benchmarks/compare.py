@@ -187,20 +187,34 @@ def run_cell(ev: Evaluator, models: dict, sampler: str, steps: int, args: argpar
         ev(cache_key(model, sampler, steps, knobs), plan_for(bases[model], active(knobs)), args.num, 0, "fashion-mnist-test")
 
 
+def tuning_grid(cache: dict, ids: dict, sampler: str, steps: int, method: str, args: argparse.Namespace) -> dict[float, float] | None:
+    """A tuned method's knob values -> FID on the tuning seeds, from the cache (None until complete)."""
+    model, knob = ids.get(model_of(method), "-"), "ES" if method.endswith(" + ES") else method
+    grid = {}
+    for v in knob_grid(method, steps, args.tune_points):
+        hit = cache.get(cache_key(model, sampler, steps, {knob: v}) + f"|{args.tune_num}|1000000|fashion-mnist-train")
+        if hit is None:
+            return None
+        grid[v] = hit["fid"]
+    return grid
+
+
+NAMES = {"ES": "b", "Time-Shift": "w", "TSR": "k", "DCW": "c"}
+
+
 def rows(cache: dict, sampler: str, steps: int, args: argparse.Namespace) -> list[tuple]:
-    """(method, knob text, FID, change vs baseline, seconds per image) from the cache."""
+    """(method, knob text, FID, change vs baseline, seconds per image) from the cache. A tuned value
+    at an end of its grid (other than the neutral one) is marked with a dagger: the knob might gain
+    more beyond it."""
     ids = model_ids(args)
+    grids = {m: tuning_grid(cache, ids, sampler, steps, m, args) for m in TUNED}
+    best = {m: (min(g, key=g.get) if g else None) for m, g in grids.items()}
 
-    def tuned(model: str, knob: str, method: str) -> float | None:
-        grid = {}
-        for v in knob_grid(method, steps, args.tune_points):
-            hit = cache.get(cache_key(model, sampler, steps, {knob: v}) + f"|{args.tune_num}|1000000|fashion-mnist-train")
-            if hit is None:
-                return None
-            grid[v] = hit["fid"]
-        return min(grid, key=grid.get)
+    def at_end(method: str, knob: str) -> bool:
+        tuner = method if method in TUNED else knob  # "ES + DCW" takes DCW's value from the DCW row
+        g, v = grids.get(tuner), best.get(tuner)
+        return bool(g) and v != NEUTRAL[knob] and v in (min(g), max(g))
 
-    best = {m: tuned(ids.get(model_of(m), "-"), "ES" if m.endswith(" + ES") else m, m) for m in TUNED}
     out = []
     base = None
     for method in METHODS:
@@ -213,8 +227,7 @@ def rows(cache: dict, sampler: str, steps: int, args: argparse.Namespace) -> lis
             continue
         if method == "baseline":
             base = hit
-        names = {"ES": "b", "Time-Shift": "w", "TSR": "k", "DCW": "c"}
-        text = ", ".join(f"{names[k]} = {v:g}" for k, v in knobs.items()) or "-"
+        text = ", ".join(f"{NAMES[k]} = {v:g}" + ("†" if at_end(method, k) else "") for k, v in knobs.items()) or "-"
         change = f"{100 * (hit['fid'] / base['fid'] - 1):+.1f}%" if base else ""
         cost = f"{hit['per_image'] / base['per_image']:.2f}" if base else ""
         out.append((method, text, hit["fid"], change, cost))
@@ -225,6 +238,7 @@ def report(cache: dict, args: argparse.Namespace) -> str:
     from epsscale.samplers import nfe
 
     blocks = []
+    ids = model_ids(args)
     for sampler in args.samplers.split(","):
         for steps in (int(s) for s in args.steps.split(",")):
             rs = rows(cache, sampler, steps, args)
@@ -233,6 +247,15 @@ def report(cache: dict, args: argparse.Namespace) -> str:
             lines = [f"**{sampler}, {steps} steps** ({nfe(sampler, steps)} network evaluations per sample for every method; FID of {args.num} held-out samples vs the test split)\n",
                      "| method | tuned knob | FID | vs baseline | wall time vs baseline |", "|---|---|---|---|---|"]
             lines += [f"| {m} | {k} | {f:.2f} | {c} | {t} |" for m, k, f, c, t in rs]
+            if any("†" in r[1] for r in rs):
+                lines.append("\n† the best value is at an end of its grid (every knob had the same budget of values).")
+            lines += [f"\nTuning, FID of {args.tune_num} tuning samples vs the train split (best in bold):\n", "| method | knob: FID |", "|---|---|"]
+            for m in TUNED:
+                g = tuning_grid(cache, ids, sampler, steps, m, args)
+                if g:
+                    knob = NAMES["ES" if m.endswith(" + ES") else m]
+                    cells = [(f"**{knob} = {v:g}: {f:.1f}**" if f == min(g.values()) else f"{knob} = {v:g}: {f:.1f}") for v, f in sorted(g.items())]
+                    lines.append(f"| {m} | " + ", ".join(cells) + " |")
             blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

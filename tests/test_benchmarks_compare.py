@@ -66,12 +66,15 @@ def test_the_table_reads_each_model_at_its_own_tuned_b(compare, tmp_path):
     put("control", {"ES": b3}, 35.0)
     rows = {r[0]: r for r in compare.rows(cache, "ddpm", 20, args)}
     assert set(rows) == {"baseline", "ES", "IP", "IP + ES", "control", "control + ES"}
-    assert rows["ES"][1] == f"b = {b2:g}" and rows["IP + ES"][1] == "b = 1" and rows["control + ES"][1] == f"b = {b3:g}"
+    # Tuned values at an end of a grid carry a dagger; the neutral b = 1 never does.
+    assert rows["ES"][1] == f"b = {b2:g}†" and rows["IP + ES"][1] == "b = 1" and rows["control + ES"][1] == f"b = {b3:g}†"
     assert rows["ES"][2] == 39.0
     # IP + ES tuned to the neutral b = 1 is IP's plan: its row reads IP's sample.
     assert rows["IP + ES"][2] == rows["IP"][2] == 30.0 and rows["IP + ES"][3] == "-25.0%"
     assert rows["IP"][3] == "-25.0%" and rows["control"][3] == "-10.0%"
-    assert f"| control + ES | b = {b3:g} | 35.00 | -12.5% |" in compare.report(cache, args)
+    text = compare.report(cache, args)
+    assert f"| control + ES | b = {b3:g}† | 35.00 | -12.5% |" in text and "† the best value is at an end" in text
+    assert f"| IP + ES | b = {b2:g}: 18.0, **b = 1: 17.0**, b = {b3:g}: 19.0 |" in text
 
 
 def test_a_knob_at_its_neutral_value_shares_the_baseline_key(compare):
