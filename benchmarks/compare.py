@@ -22,9 +22,10 @@ Methods, each on the shipped model's plan for the sampler (its grid and x0 clipp
 Every knob is tuned with the same budget: a grid of ``--tune-points`` values on ``--tune-num``
 tuning seeds (1,000,000...) against the train split; the best value is then evaluated on
 ``--num`` held-out seeds (0...) against the test split. All FIDs use the project's classifier
-features. Every FID is cached in ``--cache`` (a rerun resumes; ``--report`` samples nothing), and
-so is its wall time, from which the table's cost column comes (extra network evaluations are
-listed separately: none of these methods adds any).
+features. Every FID is cached in ``--cache`` (a rerun resumes; ``--report`` samples nothing), with
+its wall time. None of these methods adds a network evaluation; what else they cost is timed
+apart, interleaved, by ``benchmarks/speed.py`` (wall times taken here, point after point while
+another process shares the machine, are too noisy to compare).
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ NAMES = {"ES": "b", "Time-Shift": "w", "TSR": "k", "DCW": "c"}
 
 
 def rows(cache: dict, sampler: str, steps: int, args: argparse.Namespace) -> list[tuple]:
-    """(method, knob text, FID, change vs baseline, seconds per image) from the cache. A tuned value
+    """(method, knob text, FID, change vs baseline) from the cache. A tuned value
     at an end of its grid (other than the neutral one) is marked with a dagger: the knob might gain
     more beyond it."""
     ids = model_ids(args)
@@ -229,8 +230,7 @@ def rows(cache: dict, sampler: str, steps: int, args: argparse.Namespace) -> lis
             base = hit
         text = ", ".join(f"{NAMES[k]} = {v:g}" + ("†" if at_end(method, k) else "") for k, v in knobs.items()) or "-"
         change = f"{100 * (hit['fid'] / base['fid'] - 1):+.1f}%" if base else ""
-        cost = f"{hit['per_image'] / base['per_image']:.2f}" if base else ""
-        out.append((method, text, hit["fid"], change, cost))
+        out.append((method, text, hit["fid"], change))
     return out
 
 
@@ -245,8 +245,8 @@ def report(cache: dict, args: argparse.Namespace) -> str:
             if not rs:
                 continue
             lines = [f"**{sampler}, {steps} steps** ({nfe(sampler, steps)} network evaluations per sample for every method; FID of {args.num} held-out samples vs the test split)\n",
-                     "| method | tuned knob | FID | vs baseline | wall time vs baseline |", "|---|---|---|---|---|"]
-            lines += [f"| {m} | {k} | {f:.2f} | {c} | {t} |" for m, k, f, c, t in rs]
+                     "| method | tuned knob | FID | vs baseline |", "|---|---|---|---|"]
+            lines += [f"| {m} | {k} | {f:.2f} | {c} |" for m, k, f, c in rs]
             if any("†" in r[1] for r in rs):
                 lines.append("\n† the best value is at an end of its grid (every knob had the same budget of values).")
             lines += [f"\nTuning, FID of {args.tune_num} tuning samples vs the train split (best in bold):\n", "| method | knob: FID |", "|---|---|"]
