@@ -85,7 +85,7 @@ def knob_grid(method: str, steps: int, points: int) -> list[float]:
     ES's b and TSR's k go both ways, since a model may want eps shrunk or enlarged (the shipped model
     wants b < 1 for DDPM). DCW's c is >= 0 by definition and log-spaced: on the respaced cosine
     chain sigma_max is about 2e4, so its weight c sigma_i / sigma_max is c at the first step and at
-    most c / 1,700 (10 steps) to c / 630 (50 steps) after it, and the paper's c = 0.005 barely
+    most c / 3,500 (10 steps) to c / 630 (50 steps) after it, and the paper's c = 0.005 barely
     moves a sample.
     """
     from epsscale.timeshift import paper_defaults
