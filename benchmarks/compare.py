@@ -54,6 +54,11 @@ def model_of(method: str) -> str:
     return MODEL_OF.get(method.split(" + ")[0], "main")
 
 
+def knob_of(method: str) -> str:
+    """The knob a tuned method tunes: "IP + ES" and "control + ES" tune ES's b on their own model."""
+    return "ES" if method.endswith(" + ES") else method
+
+
 def knobs_of(method: str, tuned: dict[str, float | None]) -> dict[str, float | None]:
     """The knob values a method runs at, from the tuned ones (by method name)."""
     if model_of(method) != "main":
@@ -148,6 +153,7 @@ class Evaluator:
             print(f"{key}: FID {self.cache[key]['fid']:.3f} ({seconds:.0f}s)", flush=True)
         return self.cache[key]
 
+
 def model_ids(args: argparse.Namespace) -> dict[str, str]:
     """Cache names of the models: main/ip/control plus a digest of their weights (a new model, new keys)."""
     from epsscale.hashing import digest_file
@@ -174,7 +180,7 @@ def run_cell(ev: Evaluator, models: dict, sampler: str, steps: int, args: argpar
         model = ids.get(model_of(method))
         if model not in bases:
             continue
-        knob = "ES" if method.endswith(" + ES") else method
+        knob = knob_of(method)
         scores = {}
         for v in knob_grid(method, steps, args.tune_points):
             res = ev(cache_key(model, sampler, steps, {knob: v}), plan_for(bases[model], active({knob: v})), args.tune_num, TUNING_SEED0, "fashion-mnist-train")
@@ -190,7 +196,7 @@ def run_cell(ev: Evaluator, models: dict, sampler: str, steps: int, args: argpar
 
 def tuning_grid(cache: dict, ids: dict, sampler: str, steps: int, method: str, args: argparse.Namespace) -> dict[float, float] | None:
     """A tuned method's knob values -> FID on the tuning seeds, from the cache (None until complete)."""
-    model, knob = ids.get(model_of(method), "-"), "ES" if method.endswith(" + ES") else method
+    model, knob = ids.get(model_of(method), "-"), knob_of(method)
     grid = {}
     for v in knob_grid(method, steps, args.tune_points):
         hit = cache.get(cache_key(model, sampler, steps, {knob: v}) + f"|{args.tune_num}|1000000|fashion-mnist-train")
@@ -253,7 +259,7 @@ def report(cache: dict, args: argparse.Namespace) -> str:
             for m in TUNED:
                 g = tuning_grid(cache, ids, sampler, steps, m, args)
                 if g:
-                    knob = NAMES["ES" if m.endswith(" + ES") else m]
+                    knob = NAMES[knob_of(m)]
                     cells = [(f"**{knob} = {v:g}: {f:.1f}**" if f == min(g.values()) else f"{knob} = {v:g}: {f:.1f}") for v, f in sorted(g.items())]
                     lines.append(f"| {m} | " + ", ".join(cells) + " |")
             blocks.append("\n".join(lines))

@@ -42,13 +42,20 @@ run() { echo "+ $*"; "$@" || { echo "measure_model: failed ($?): $*"; exit 1; };
 # its grid reaches down to 0.95.
 grid_of() { [ "$1" = ddpm ] && echo "--lo 0.95 --points 14 --hi 1.015" || echo "--lo 0.985 --points 7 --hi 1.015"; }
 ep() { run "$PY" -m epsscale "$@"; }
+# wait_all WHAT PID...: wait for every background job; if any failed, say WHAT and stop.
+wait_all() {
+  local what="$1" p failed=0
+  shift
+  for p in "$@"; do wait "$p" || failed=1; done
+  [ "$failed" = 0 ] || { echo "measure_model: failed: $what"; exit 1; }
+}
 # side_by_side "GROUPS" THREADS CMD...: CMD --samplers G --threads THREADS for every group G, all at
 # once (on two cores, two one-thread processes beat one two-thread process); fails if any fails.
 side_by_side() {
-  local groups="$1" threads="$2" g p pids=()
+  local groups="$1" threads="$2" g pids=()
   shift 2
   for g in $groups; do run "$@" --samplers "$g" --threads "$threads" & pids+=($!); done
-  for p in "${pids[@]}"; do wait "$p" || { echo "measure_model: failed: $*"; exit 1; }; done
+  wait_all "$*" "${pids[@]}"
 }
 
 for stage in $STAGES; do
@@ -119,7 +126,7 @@ for stage in $STAGES; do
         --snapshot-every 600 --threads "${IP_THREADS:-1}" --quiet --export "benchmarks/ip_model/$name" &
       pids+=($!)
     done
-    for p in "${pids[@]}"; do wait "$p" || { echo "measure_model: an IP fine-tune failed"; exit 1; }; done ;;
+    wait_all "an IP fine-tune" "${pids[@]}" ;;
   compare)
     side_by_side "${C_SAMPLERS:-ddim ddpm}" "${C_THREADS:-1}" "$PY" benchmarks/compare.py ${C_ARGS:-}
     run "$PY" benchmarks/compare.py --report --write-results ${C_ARGS:-} ;;

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..samplers import TIME_SHIFT_SAMPLERS, VP_SAMPLERS
+from ..scaling import describe_schedule
 
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m")
 SIGMA_SAMPLERS = ("euler", "heun", "dpmpp_2m")
@@ -198,11 +199,8 @@ def auto_batch(n: int, largest: int = MAX_BATCH) -> int:
     return max(1, math.ceil(n / batches))
 
 
-def format_lam(lam: Any) -> str:
-    """λ for a summary line (:func:`epsscale.scaling.describe_schedule`)."""
-    from ..scaling import describe_schedule
-
-    return describe_schedule(lam)
+# λ for a summary line: the library's own description of a schedule.
+format_lam = describe_schedule
 
 
 # ---------------------------------------------------------------------------------------------
