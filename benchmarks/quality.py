@@ -36,6 +36,10 @@ from _common import add_to_json_cache, grid_to_interior_minimum, write_between_m
 from epsscale.models.pretrained import shipped_discretisation as demo_discretisation, shipped_sampler_options as demo_sampler_options
 from epsscale.samplers import SAMPLERS
 
+# The tuning grid every (sampler, steps) starts from: b = lo..hi in this many points.
+TUNE_START = (0.99, 1.02, 7)
+
+
 def discretisation(sampler: str, karras_sigma_max: float | None = None) -> tuple[str, float | None]:
     """The demo's (grid kind, sigma_max) for ``sampler``; ``karras_sigma_max`` moves the top of a
     Karras grid (euler, heun), and changes nothing for the VP samplers."""
@@ -105,12 +109,15 @@ def tune(model, sampler: str, steps: int, lo: float, hi: float, points: int, num
     return grid_to_interior_minimum(evaluate, lo, hi, points, cache, key, max_extend)
 
 
-def tuned(tune_dir: Path) -> dict[tuple[str, str, int], tuple[float | None, list]]:
+def tuned(tune_dir: Path, initial: tuple[float, float, int] | None = None) -> dict[tuple[str, str, int], tuple[float | None, list]]:
     """(sampler, grid label, steps) -> (best b, [(b, FID), ...]) from the tuning caches on disk.
 
     best b is None while the tuning is unfinished: its minimum is still at an end of the grid
-    (the rule :func:`tune` extends by).
+    (the rule :func:`tune` extends by), or, with ``initial`` = (lo, hi, points), a point of the
+    grid it starts from is still missing (a search killed halfway, whose partial minimum means
+    nothing yet).
     """
+    start = set() if initial is None else {round(initial[0] + i * (initial[1] - initial[0]) / (initial[2] - 1), 6) for i in range(initial[2])}
     out = {}
     for f in sorted(tune_dir.glob("*.json")):
         d = json.loads(f.read_text())
@@ -118,7 +125,8 @@ def tuned(tune_dir: Path) -> dict[tuple[str, str, int], tuple[float | None, list
         pts = sorted((float(b), float(v)) for b, v in d["points"])
         best = min(pts, key=lambda p: (p[1], p[0]))[0]
         grid = d["key"].get("grid") or demo_discretisation(sampler)[0]
-        out[(sampler, grid, int(d["key"]["steps"]))] = (best if pts[0][0] < best < pts[-1][0] else None, pts)
+        done = pts[0][0] < best < pts[-1][0] and start <= {round(b, 6) for b, _ in pts}
+        out[(sampler, grid, int(d["key"]["steps"]))] = (best if done else None, pts)
     return out
 
 
@@ -159,11 +167,11 @@ def _change(base: dict | None, es: dict | None) -> str:
 NOTHING_YET = "No cell of the grid has been measured on the shipped model yet; the commands are in the Quality section of benchmarks/RESULTS.md."
 
 
-def summary(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str) -> str:
+def summary(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, initial: tuple[float, float, int] | None = None) -> str:
     """A steps x sampler table of the held-out change at the tuned b, demo grids only (for the README)."""
     from epsscale.samplers import nfe
 
-    rows = [r for r in _rows(cache, tuned(tune_dir), num, seed0, ref) if is_demo_grid(r[1], r[2])]
+    rows = [r for r in _rows(cache, tuned(tune_dir, initial), num, seed0, ref) if is_demo_grid(r[1], r[2])]
     cells = {(sampler, steps): (best, base, es) for _, sampler, _, steps, best, base, es in rows}
     if not cells:
         return NOTHING_YET
@@ -194,13 +202,13 @@ def summary(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str) -> str:
     return "\n".join(lines)
 
 
-def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png: Path | None) -> str:
+def report(cache: dict, tune_dir: Path, num: int, seed0: int, ref: str, out_png: Path | None, initial: tuple[float, float, int] | None = None) -> str:
     """The Markdown tables (held-out FIDs, tuning grids); also draws ``out_png`` when given."""
     from epsscale.samplers import nfe
 
     lines = []
     emit = lines.append
-    grids = tuned(tune_dir)
+    grids = tuned(tune_dir, initial)
     rows = _rows(cache, grids, num, seed0, ref)
     if not rows and not grids:
         return NOTHING_YET
@@ -252,9 +260,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samplers", default="ddpm,ddim,euler,heun")
     ap.add_argument("--steps", default="10,20,50,100")
-    ap.add_argument("--tune-lo", type=float, default=0.99)
-    ap.add_argument("--tune-hi", type=float, default=1.02)
-    ap.add_argument("--tune-points", type=int, default=7)
+    ap.add_argument("--tune-lo", type=float, default=TUNE_START[0])
+    ap.add_argument("--tune-hi", type=float, default=TUNE_START[1])
+    ap.add_argument("--tune-points", type=int, default=TUNE_START[2])
     ap.add_argument("--tune-num", type=int, default=500)
     ap.add_argument("--tune-dir", default=None, help="default benchmarks/quality_tune (with --device cuda: quality_tune_cuda)")
     ap.add_argument("--num", type=int, default=5000)
@@ -277,7 +285,8 @@ def main() -> None:
     tune_dir = Path(args.tune_dir or f"benchmarks/quality_tune{suffix}")
     args.plot = f"benchmarks/quality{suffix}.png" if args.plot is None else args.plot
     if args.report:
-        tables = report(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref, Path(args.plot) if args.plot else None)
+        initial = (args.tune_lo, args.tune_hi, args.tune_points)
+        tables = report(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref, Path(args.plot) if args.plot else None, initial)
         print(tables)
         # Another device's tables go between markers of their own, never over the CPU's.
         mark = (lambda m: m) if args.device == "cpu" else (lambda m: m.replace("--report", f"--report --device {args.device}"))
@@ -285,7 +294,7 @@ def main() -> None:
             write_tables(Path(args.write_results), tables, mark(TABLES_BEGIN), mark(TABLES_END))
             print(f"\ntables written into {args.write_results}")
         if args.write_readme:
-            text = summary(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref)
+            text = summary(load_cache(cache_path), tune_dir, args.num, args.seed0, args.ref, initial)
             write_tables(Path(args.write_readme), text, mark(SUMMARY_BEGIN), mark(SUMMARY_END))
             print(f"\n{text}\n\nsummary written into {args.write_readme}")
         return

@@ -61,6 +61,20 @@ def test_a_grid_whose_minimum_is_at_an_end_is_unfinished(quality, tmp_path):
     assert grids[("ddim", quality.grid_label("ddim"), 20)][0] == 1.01
 
 
+def test_a_grid_killed_before_its_first_pass_is_unfinished(quality, tmp_path):
+    # Three of the seven starting points, with the minimum inside them by chance: not a result yet.
+    write_grid(tmp_path, "ddpm", 50, [(0.99, 17.41), (0.995, 17.40), (1.0, 18.04)])
+    # Finished, after growing two spacings below the start (0.98 and 0.985 are not starting points).
+    write_grid(tmp_path, "ddpm", 20, [(0.98, 49.0), (0.985, 48.0), *[(0.99 + 0.005 * i, 48.5 + i) for i in range(7)]])
+    start = quality.TUNE_START  # (0.99, 1.02, 7)
+    grids = quality.tuned(tmp_path, start)
+    assert grids[("ddpm", quality.grid_label("ddpm"), 50)][0] is None
+    assert grids[("ddpm", quality.grid_label("ddpm"), 20)][0] == 0.985
+    assert quality.tuned(tmp_path)[("ddpm", quality.grid_label("ddpm"), 50)][0] == 0.995
+    cache = {}
+    assert "| ddpm | 50 | 50 | tuning unfinished | not run | not run |  |" in quality.report(cache, tmp_path, 2000, 0, "fashion-mnist-test", None, start)
+
+
 def test_report_rows_and_change(quality, tmp_path):
     ref = "fashion-mnist-test"
     cache = some_results(quality, tmp_path, ref)
@@ -120,9 +134,9 @@ def test_committed_readme_and_results_match_the_committed_caches(quality):
     ref = "fashion-mnist-test"
     num = 2000  # the held-out size of the committed grid (RESULTS.md, "Quality": `--report --num 2000`)
     readme = (ROOT / "README.md").read_text()
-    assert between(readme, quality.SUMMARY_BEGIN, quality.SUMMARY_END) == quality.summary(cache, tune_dir, num, 0, ref).strip()
+    assert between(readme, quality.SUMMARY_BEGIN, quality.SUMMARY_END) == quality.summary(cache, tune_dir, num, 0, ref, quality.TUNE_START).strip()
     results = between((ROOT / "benchmarks" / "RESULTS.md").read_text(), quality.TABLES_BEGIN, quality.TABLES_END)
-    tables = quality.report(cache, tune_dir, num, 0, ref, None).strip()
+    tables = quality.report(cache, tune_dir, num, 0, ref, None, quality.TUNE_START).strip()
     assert results == (tables if tables == quality.NOTHING_YET else f"{tables}\n\n![quality](quality.png)")
 
 
