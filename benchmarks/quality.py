@@ -117,7 +117,9 @@ def tuned(tune_dir: Path, initial: tuple[float, float, int] | None = None) -> di
     grid it starts from is still missing (a search killed halfway, whose partial minimum means
     nothing yet).
     """
-    start = set() if initial is None else {round(initial[0] + i * (initial[1] - initial[0]) / (initial[2] - 1), 6) for i in range(initial[2])}
+    from epsscale.exposure.search import grid_points
+
+    start = set() if initial is None else {round(b, 6) for b in grid_points(*initial)}
     out = {}
     for f in sorted(tune_dir.glob("*.json")):
         d = json.loads(f.read_text())

@@ -178,11 +178,16 @@ def fid_search(
     return f.lowest(method)
 
 
-def _grid_search(f: _Scores, lo: float, hi: float, points: int) -> None:
-    """The ``"grid"`` method of :func:`fid_search`: ``points`` equally spaced b's, both ends."""
+def grid_points(lo: float, hi: float, points: int) -> list[float]:
+    """The b's of :func:`fid_search`'s ``"grid"`` method: ``points`` equally spaced, both ends."""
     check_int(points, "points", low=2)
-    for j in range(points):
-        f(lo + (hi - lo) * j / (points - 1))
+    return [lo + (hi - lo) * j / (points - 1) for j in range(points)]
+
+
+def _grid_search(f: _Scores, lo: float, hi: float, points: int) -> None:
+    """The ``"grid"`` method of :func:`fid_search`."""
+    for b in grid_points(lo, hi, points):
+        f(b)
 
 
 def _golden_search(f: _Scores, lo: float, hi: float, tol: float, max_evals: int) -> None:
